@@ -1,0 +1,1 @@
+"""Arus entry points: the `arus` command and the assembly of each service."""

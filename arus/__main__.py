@@ -1,0 +1,3 @@
+from arus.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The `arus` command: every service and administrative task of the platform."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from infra.logs import setup_logging
+from infra.settings import Settings
+from schemas.errors import ArusError
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from arus.supervisor import run_up
+
+    return run_up(_settings(), simulate=args.simulate, simulate_rate=args.rate)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream_processors.app import run_worker
+
+    run_worker(_settings())
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from producers.gateway import run_gateway
+
+    run_gateway(_settings())
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from consumers.sink import run_sink
+
+    run_sink(_settings())
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from arus.api import run_api
+
+    run_api(_settings())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from infra.db import migrate
+
+    applied = migrate(_settings().database_dsn())
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from producers.simulator import run_simulator
+
+    result = run_simulator(_settings(), rate=args.rate, duration=args.duration,
+                           devices_per_kecamatan=args.devices_per_kecamatan, seed=args.seed)
+    print(result)
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from infra.db import connect
+    from infra.devices import add_device, list_devices, revoke_device, rotate_secret
+
+    with connect(_settings().database_dsn(), autocommit=True) as conn:
+        if args.action == "add":
+            secret = add_device(conn, args.device_id, args.kind, args.region)
+            print(f"device {args.device_id} registered ({args.kind}, {args.region}); its secret, shown once:")
+            print(secret)
+        elif args.action == "rotate":
+            secret = rotate_secret(conn, args.device_id)
+            print(f"new secret for {args.device_id}, shown once:")
+            print(secret)
+        elif args.action == "revoke":
+            if not revoke_device(conn, args.device_id):
+                print(f"no active device {args.device_id}", file=sys.stderr)
+                return 1
+            print(f"device {args.device_id} revoked")
+        else:
+            rows = list_devices(conn)
+            print(f"{'device':<28} {'kind':<16} {'region':<16} {'status':<9} last seen (WIB)")
+            from zoneinfo import ZoneInfo
+
+            wib = ZoneInfo("Asia/Jakarta")
+            for d in rows:
+                seen = d.last_seen.astimezone(wib).strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "-"
+                status = "revoked" if d.revoked else d.status
+                print(f"{d.device_id:<28} {d.kind:<16} {d.region_code:<16} {status:<9} {seen}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arus", description="Arus, Jember's real-time data platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole stack (embedded services where no URL is set)")
+    up.add_argument("--simulate", action="store_true", help="also run the Jember simulator")
+    up.add_argument("--rate", type=int, default=200, help="simulator messages per second")
+    up.set_defaults(func=cmd_up)
+    for name, func, text in [("worker", cmd_worker, "run the stream processor"),
+                             ("gateway", cmd_gateway, "run the MQTT -> Kafka gateway"),
+                             ("sink", cmd_sink, "run the Kafka -> PostgreSQL sink"),
+                             ("api", cmd_api, "run the HTTP API"),
+                             ("migrate", cmd_migrate, "apply database migrations")]:
+        sub.add_parser(name, help=text).set_defaults(func=func)
+    sim = sub.add_parser("simulate", help="publish realistic Jember telemetry over MQTT")
+    sim.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds; 0 runs forever")
+    sim.add_argument("--devices-per-kecamatan", type=int, default=3)
+    sim.add_argument("--seed", type=int, default=None)
+    sim.set_defaults(func=cmd_simulate)
+    dev = sub.add_parser("devices", help="the device registry")
+    dsub = dev.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser("add", help="register a device; prints its secret on the last line")
+    add.add_argument("device_id")
+    add.add_argument("--kind", required=True)
+    add.add_argument("--region", required=True, help="Kemendagri code, e.g. 35.09.19.2001")
+    for action in ("revoke", "rotate"):
+        dsub.add_parser(action).add_argument("device_id")
+    dsub.add_parser("list")
+    dev.set_defaults(func=cmd_devices)
+    bench = sub.add_parser("bench", help="benchmarks of every stage (see bench/)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    setup_logging(args.command, json_lines=settings.log_json)
+    try:
+        return int(args.func(args) or 0)
+    except ArusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

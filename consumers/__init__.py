@@ -1,0 +1,1 @@
+"""Consumers of Arus's Kafka topics; `sink` writes telemetry, aggregates and dead letters to PostgreSQL."""

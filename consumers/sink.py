@@ -1,0 +1,469 @@
+"""The sink: Kafka (telemetry, aggregates, dlq) -> PostgreSQL, idempotent, at-least-once in,
+exactly-once in effect.
+
+Loop: fetch a batch, convert it (consumers.rows), and flush when enough rows are buffered or the
+oldest is old enough. A flush is one PostgreSQL transaction: binary COPY into TEMP staging tables,
+then INSERT ... SELECT ... ON CONFLICT into the real tables. Only after that transaction commits
+are the Kafka offsets of exactly the flushed messages committed, so a crash at any point replays
+messages whose rows are either absent or identical: the conflict clauses make the replay a no-op.
+
+Failures: a message that cannot be converted becomes a `processing_error` dead letter; a database
+error is retried with backoff without committing offsets (nothing is skipped); a data error that
+only some messages cause is isolated by bisection and those messages become dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from prometheus_client import CollectorRegistry, start_http_server
+from psycopg import sql
+
+from infra.db import aconnect
+from infra.kafka_admin import ensure_topics
+from infra.settings import Settings
+from schemas import topics as topic_names
+from schemas.reasons import PROCESSING_ERROR
+from schemas.results import Rejected
+
+from .metrics import SinkMetrics
+from .rows import (
+    AGGREGATES_COLUMNS,
+    AGGREGATES_TYPES,
+    DEAD_LETTERS_COLUMNS,
+    DEAD_LETTERS_TYPES,
+    READINGS_COLUMNS,
+    READINGS_TYPES,
+    AggregateRow,
+    Batch,
+    DeadLetterRow,
+    Kind,
+    ReadingRow,
+    dedupe_aggregates,
+    poison_row,
+)
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- the flush core
+
+_STAGE = {
+    "readings": ("sink_stage_readings", READINGS_COLUMNS, READINGS_TYPES),
+    "aggregates": ("sink_stage_aggregates", AGGREGATES_COLUMNS, AGGREGATES_TYPES),
+    "dead_letters": ("sink_stage_dead_letters", DEAD_LETTERS_COLUMNS, DEAD_LETTERS_TYPES),
+}
+
+
+def _column_list(columns: Iterable[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+
+
+def _staging_ddl() -> list[sql.Composed]:
+    # TEMP: no WAL, session-private (several sinks never see each other's rows). ON COMMIT DELETE
+    # ROWS empties them in place at every commit, cheaper than TRUNCATE or DROP per flush.
+    out = []
+    for name, columns, types in _STAGE.values():
+        cols = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in zip(columns, types, strict=True)
+        )
+        out.append(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                sql.Identifier(name), cols
+            )
+        )
+    return out
+
+
+def _copy_stmt(table: str) -> sql.Composed:
+    name, columns, _ = _STAGE[table]
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(sql.Identifier(name), _column_list(columns))
+
+
+_R_COLS = _column_list(READINGS_COLUMNS)
+INSERT_READINGS = sql.SQL(
+    "INSERT INTO readings ({cols}) SELECT {cols} FROM sink_stage_readings"
+    " ON CONFLICT (device_id, metric, time) DO NOTHING"
+).format(cols=_R_COLS)
+
+# greatest(): replays and late data carry older times and must not move last_seen back.
+UPDATE_LAST_SEEN = sql.SQL(
+    "UPDATE devices d SET last_seen = x.t"
+    " FROM (SELECT device_id, max(time) AS t FROM sink_stage_readings GROUP BY device_id) x"
+    " WHERE d.device_id = x.device_id AND (d.last_seen IS NULL OR d.last_seen < x.t)"
+)
+
+_A_STATE = [c for c in AGGREGATES_COLUMNS if c not in ("scope", "key", "metric", "bucket")]
+_A_COLS = _column_list(AGGREGATES_COLUMNS)
+# The message is the window's full state: the newest one replaces the row. The WHERE skips rows
+# that would not change, so a replay leaves even updated_at untouched.
+INSERT_AGGREGATES = sql.SQL(
+    "INSERT INTO aggregates ({cols}, updated_at) SELECT {cols}, now() FROM sink_stage_aggregates"
+    " ON CONFLICT (scope, key, metric, bucket) DO UPDATE SET {sets}, updated_at = now()"
+    " WHERE ({old}) IS DISTINCT FROM ({new})"
+).format(
+    cols=_A_COLS,
+    sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _A_STATE),
+    old=sql.SQL(", ").join(sql.SQL("aggregates.{}").format(sql.Identifier(c)) for c in _A_STATE),
+    new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in _A_STATE),
+)
+
+_D_COLS = _column_list(DEAD_LETTERS_COLUMNS)
+INSERT_DEAD_LETTERS = sql.SQL(
+    "INSERT INTO dead_letters ({cols}) SELECT {cols} FROM sink_stage_dead_letters ON CONFLICT (id) DO NOTHING"
+).format(cols=_D_COLS)
+
+# Connections whose staging tables exist (created in a committed transaction).
+_staged: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+
+
+async def _copy_rows(cur: psycopg.AsyncCursor[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    _, _, types = _STAGE[table]
+    async with cur.copy(_copy_stmt(table)) as copy:
+        copy.set_types(list(types))
+        write_row = copy.write_row
+        for row in rows:
+            await write_row(row)
+
+
+async def write_batch(
+    conn: psycopg.AsyncConnection[Any],
+    readings: Sequence[ReadingRow],
+    aggregates: Sequence[AggregateRow],
+    dead_letters: Sequence[DeadLetterRow],
+) -> None:
+    """Write rows idempotently, in one transaction (the flush core).
+
+    `conn` must not be inside a transaction (autocommit, or idle). Aggregates are reduced to the
+    last state per key first, so callers may pass several states of one window.
+    """
+    if not (readings or aggregates or dead_letters):
+        return
+    aggregates = dedupe_aggregates(list(aggregates))
+    created = False
+    async with conn.transaction(), conn.cursor() as cur:
+        if conn not in _staged:
+            for stmt in _staging_ddl():
+                await cur.execute(stmt)
+            created = True
+        if readings:
+            await _copy_rows(cur, "readings", readings)
+            await cur.execute(INSERT_READINGS)
+            await cur.execute(UPDATE_LAST_SEEN)
+        if aggregates:
+            await _copy_rows(cur, "aggregates", aggregates)
+            await cur.execute(INSERT_AGGREGATES)
+        if dead_letters:
+            await _copy_rows(cur, "dead_letters", dead_letters)
+            await cur.execute(INSERT_DEAD_LETTERS)
+    if created:
+        _staged.add(conn)
+
+
+RAW_SCRATCH = "sink_raw_scratch"
+
+
+async def copy_raw(conn: psycopg.AsyncConnection[Any], rows: Sequence[ReadingRow]) -> None:
+    """Plain binary COPY of readings rows into an UNLOGGED scratch table: the benchmark's baseline
+    (no staging, no conflict handling, no indexes). The caller may TRUNCATE sink_raw_scratch."""
+    async with conn.transaction(), conn.cursor() as cur:
+        cols = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t))
+            for c, t in zip(READINGS_COLUMNS, READINGS_TYPES, strict=True)
+        )
+        await cur.execute(
+            sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(RAW_SCRATCH), cols)
+        )
+        stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(RAW_SCRATCH), _R_COLS
+        )
+        async with cur.copy(stmt) as copy:
+            copy.set_types(list(READINGS_TYPES))
+            for row in rows:
+                await copy.write_row(row)
+
+
+# --------------------------------------------------------------------------- error handling
+
+# SQLSTATE classes caused by the rows themselves (not by the database being unavailable):
+# 21 cardinality, 22 data exception, 23 integrity constraint, 54 program limit (e.g. index row size).
+_DATA_ERROR_CLASSES = frozenset({"21", "22", "23", "54"})
+
+
+def is_data_error(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.Error) and state is not None and state[:2] in _DATA_ERROR_CLASSES
+
+
+class _Stopped(Exception):
+    """The sink is stopping while the database is unavailable: give up without committing."""
+
+
+# --------------------------------------------------------------------------- the consumer
+
+Record = tuple[Kind, bytes | None, str, int, int, int]  # kind, value, topic, partition, offset, timestamp
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Still the owner of these partitions: write what was fetched and commit its offsets now,
+        # so the next owner starts exactly after it.
+        await self.sink.flush(reason="rebalance")
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("assigned %d partitions: %s", len(assigned), sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class Sink:
+    def __init__(self, settings: Settings, metrics: SinkMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.dsn = settings.database_dsn()
+        self.kinds = {
+            settings.topic(topic_names.TELEMETRY): Kind.TELEMETRY,
+            settings.topic(topic_names.AGGREGATES): Kind.AGGREGATES,
+            settings.topic(topic_names.DLQ): Kind.DLQ,
+        }
+        self.flush_rows = settings.sink_flush_rows
+        self.flush_s = settings.sink_flush_ms / 1000
+        self.stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._batch = Batch()
+        self._records: list[Record] = []  # kept to re-convert in halves when a data error hits
+        self._offsets: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._since: float | None = None  # monotonic time of the oldest buffered message
+
+    # ---- lifecycle
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        assert s.kafka_bootstrap is not None
+        # Subscribing to a missing topic would let the broker auto-create it with its own default
+        # partition count; create ours first, as the other components do (idempotent).
+        await asyncio.to_thread(ensure_topics, s.kafka_bootstrap, list(self.kinds), s.partitions)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=f"{s.consumer_group_prefix}-sink",
+            client_id="arus-sink",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.sink_session_timeout_ms,
+            heartbeat_interval_ms=s.sink_heartbeat_interval_ms,
+            # Time to flush on revocation before the broker gives up on this member.
+            rebalance_timeout_ms=max(10_000, s.sink_session_timeout_ms),
+            # Topics created after start (fresh broker) are noticed within seconds.
+            metadata_max_age_ms=5_000,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=min(100, s.sink_flush_ms),
+        )
+        consumer.subscribe(list(self.kinds), listener=_Revocations(self))
+        self._consumer = consumer
+        await consumer.start()
+        log.info("sink consuming %s as group %s-sink", ", ".join(self.kinds), s.consumer_group_prefix)
+        try:
+            await self._loop(consumer)
+            await self.flush(reason="stop")
+        except _Stopped:
+            log.warning("stopped with unflushed messages; their offsets are not committed (they will be replayed)")
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+
+    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        kinds = self.kinds
+        while not self.stopping.is_set():
+            if self._since is None:
+                timeout_ms = int(self.flush_s * 1000)
+            else:
+                timeout_ms = max(0, int((self._since + self.flush_s - time.monotonic()) * 1000))
+            data = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.flush_rows)
+            # No await between here and the end of the loop body's buffering: the rebalance
+            # listener can only run at an await, so it always sees whole fetches.
+            if data:
+                batch, records, offsets = self._batch, self._records, self._offsets
+                if self._since is None:
+                    self._since = time.monotonic()
+                for tp, msgs in data.items():
+                    topic, partition = tp.topic, tp.partition
+                    kind = kinds[topic]
+                    poison_before = batch.poison
+                    for m in msgs:
+                        records.append((kind, m.value, topic, partition, m.offset, m.timestamp))
+                        batch.add(kind, m.value, topic=topic, partition=partition, offset=m.offset,
+                                  timestamp_ms=m.timestamp)
+                    offsets[tp] = msgs[-1].offset + 1
+                    self.metrics.messages.labels(topic).inc(len(msgs))
+                    if batch.poison != poison_before:
+                        self.metrics.poison.labels(topic).inc(batch.poison - poison_before)
+                    hw = consumer.highwater(tp)
+                    if hw is not None:
+                        self.metrics.lag.labels(topic, str(partition)).set(max(0, hw - offsets[tp]))
+            if self._since is not None and (
+                len(self._batch) >= self.flush_rows or time.monotonic() - self._since >= self.flush_s
+            ):
+                await self.flush(reason="batch")
+
+    # ---- flushing
+
+    async def flush(self, reason: str) -> None:
+        async with self._lock:
+            if not self._offsets:
+                return
+            batch, records, offsets = self._batch, self._records, self._offsets
+            t0 = time.monotonic()
+            await self._write(batch, records)  # raises _Stopped only when stopping
+            self._reset()
+            await self._commit(offsets)
+            n = len(batch)
+            self.metrics.batch_rows.observe(n)
+            self.metrics.flush_seconds.observe(time.monotonic() - t0)
+            self.metrics.last_flush.set(time.time())
+            log.debug("flushed %d rows from %d messages (%s)", n, len(records), reason)
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+                self._conn = None
+            self._conn = await aconnect(self.dsn, autocommit=True)
+        return self._conn
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter only
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def _attempt(self, batch: Batch) -> Exception | None:
+        """Write one batch, retrying until it succeeds; returns the error when it is a data error."""
+        attempt = 0
+        while True:
+            try:
+                conn = await self._connection()
+                await write_batch(conn, batch.readings, batch.aggregate_rows(), batch.dead_letters)
+            except Exception as exc:  # noqa: BLE001 - classify every failure; never crash the loop
+                if is_data_error(exc):
+                    return exc
+                self.metrics.errors.labels("db").inc()
+                if self.stopping.is_set():
+                    raise _Stopped() from exc
+                log.warning("database write failed (attempt %d), retrying: %s", attempt + 1, exc)
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            self.metrics.rows_written.labels("readings").inc(len(batch.readings))
+            self.metrics.rows_written.labels("aggregates").inc(len(batch.aggregates))
+            self.metrics.rows_written.labels("dead_letters").inc(len(batch.dead_letters))
+            return None
+
+    async def _write(self, batch: Batch, records: list[Record]) -> None:
+        error = await self._attempt(batch)
+        if error is None:
+            return
+        # Some message(s) make PostgreSQL refuse the batch: bisect, in order (so the last
+        # aggregate state still wins), until each refused message is alone; store it as a dead letter.
+        self.metrics.errors.labels("isolate").inc()
+        log.warning("batch refused by PostgreSQL (%s); isolating the messages that cause it", error)
+        stack: list[list[Record]] = [records[len(records) // 2:], records[: len(records) // 2]]
+        while stack:
+            part = stack.pop()
+            if not part:
+                continue
+            sub = Batch()
+            for kind, value, topic, partition, offset, ts in part:
+                sub.add(kind, value, topic=topic, partition=partition, offset=offset, timestamp_ms=ts)
+            error = await self._attempt(sub)
+            if error is None:
+                continue
+            if len(part) > 1:
+                stack.append(part[len(part) // 2:])
+                stack.append(part[: len(part) // 2])
+                continue
+            kind, value, topic, partition, offset, ts = part[0]
+            rejected = Rejected(PROCESSING_ERROR, f"{kind} message refused by PostgreSQL: {error}")
+            dead = Batch(dead_letters=[
+                poison_row(rejected, value, topic=topic, partition=partition, offset=offset, timestamp_ms=ts)
+            ])
+            log.error("dead-lettered %s[%d]@%d: %s", topic, partition, offset, error)
+            self.metrics.poison.labels(topic).inc()
+            while (error := await self._attempt(dead)) is not None:
+                # Cannot happen with sanitised rows; never skip it silently either.
+                log.error("cannot store the dead letter of %s[%d]@%d: %s", topic, partition, offset, error)
+                self.metrics.errors.labels("db").inc()
+                if self.stopping.is_set():
+                    raise _Stopped() from error
+                await self._backoff(5)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        owned = consumer.assignment()
+        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        if not mine:
+            return
+        try:
+            await consumer.commit(mine)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # The rows are in PostgreSQL; the worst outcome is a replay, which changes nothing.
+            self.metrics.errors.labels("commit").inc()
+            log.warning("offset commit failed (messages will be replayed, harmlessly): %s", exc)
+
+
+async def _main(settings: Settings, registry: CollectorRegistry) -> None:
+    sink = Sink(settings, SinkMetrics(registry))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sink.request_stop)
+    await sink.run()
+
+
+def run_sink(settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    """Run the sink until SIGTERM/SIGINT (then flush, commit and return). Blocking."""
+    if settings.kafka_bootstrap is None:
+        raise ValueError("ARUS_KAFKA_BOOTSTRAP is not set")
+    settings.database_dsn()  # fail early, with the settings error, when the DSN is missing
+    registry = registry if registry is not None else CollectorRegistry()
+    if settings.sink_metrics_port is not None:
+        start_http_server(settings.sink_metrics_port, registry=registry)
+    asyncio.run(_main(settings, registry))
+
+
+def main() -> None:
+    """`python -m consumers.sink`: the sink with settings from the environment (the CLI's `arus sink`
+    calls run_sink the same way)."""
+    from infra.logs import setup_logging
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    setup_logging("sink", settings.log_json)
+    run_sink(settings)
+
+
+if __name__ == "__main__":
+    main()

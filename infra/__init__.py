@@ -1,0 +1,1 @@
+"""Settings, clients, migrations and embedded services. Imports only `schemas`."""

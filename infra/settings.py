@@ -1,0 +1,76 @@
+"""The one place the environment is read. Every service builds a frozen Settings at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARUS_", frozen=True, extra="ignore")
+
+    # Where the real components are. Unset -> `arus up` starts an embedded one.
+    kafka_bootstrap: str | None = None
+    database_url: SecretStr | None = None
+    mqtt_url: str | None = None  # mqtt://user:pass@host:port
+
+    http_port: int = 8080
+    data_dir: Path = Path(".arus")
+    rules_file: Path | None = None
+
+    topic_prefix: str = "jember."
+    partitions: int = Field(4, ge=1, le=256)
+
+    # Event-time policy
+    window_seconds: int = Field(60, ge=1)
+    allowed_lateness_s: int = Field(600, ge=0, description="a reading this late still corrects its window")
+    max_age_s: int = Field(7 * 24 * 3600, description="older readings are rejected as too_old")
+    max_future_s: int = Field(300, description="readings further ahead than this are rejected")
+    max_payload_bytes: int = Field(64 * 1024, ge=256)
+
+    # Hot path tuning
+    batch_max: int = Field(5000, ge=1)
+    batch_linger_ms: int = Field(20, ge=0)
+    checkpoint_interval_ms: int = Field(1000, ge=50)
+
+    # Personal data: key of the keyed hash (HMAC) that replaces NIK/names at ingest
+    pii_key: SecretStr = SecretStr("change-me-in-production")
+
+    # MQTT gateway: a fixed client id keeps its persistent session (unacked messages survive a
+    # restart); run several with distinct ids and `gateway_shared` ($share/arus/..., mosquitto only).
+    gateway_client_id: str = Field("arus-gateway", min_length=1, max_length=64)
+    gateway_shared: bool = False
+    gateway_metrics_port: int | None = None
+
+    # Sink (Kafka -> PostgreSQL): flush when this many rows are buffered or the oldest is this old.
+    sink_flush_rows: int = Field(20_000, ge=1)
+    sink_flush_ms: int = Field(100, ge=1)
+    # Tansu answers a JoinGroup after about half the session timeout (measured: 5 s with the
+    # default 10 s, 1 s with 2 s), so a short session makes sink start and failover fast.
+    sink_session_timeout_ms: int = Field(2000, ge=500)
+    sink_heartbeat_interval_ms: int = Field(500, ge=50)
+    sink_metrics_port: int | None = None
+
+    consumer_group_prefix: str = "arus"
+    worker_metrics_port: int | None = None
+    # Tansu answers a JoinGroup after about half the session timeout; the worker's event loop may
+    # block for a full snapshot of a large state, so its session is longer than the sink's.
+    worker_session_timeout_ms: int = Field(6000, ge=1000)
+    region_retention_s: int = Field(3600, description="merged kecamatan windows are kept this long")
+    log_json: bool = False
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def database_dsn(self) -> str:
+        if self.database_url is None:
+            raise ValueError("ARUS_DATABASE_URL is not set")
+        return self.database_url.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Producers: the MQTT → Kafka gateway and the Jember telemetry simulator. Import schemas and infra only."""

@@ -1,0 +1,16 @@
+"""Topic suffixes; the full name is ARUS_TOPIC_PREFIX + suffix (default prefix `jember.`)."""
+
+INGEST = "ingest"
+TELEMETRY = "telemetry"
+SERVICE_EVENTS = "service-events"
+DLQ = "dlq"
+AGGREGATES = "aggregates"
+ALERTS = "alerts"
+INDICATORS = "indicators"
+# internal: state checkpoints of the processors and per-partition kecamatan partial aggregates
+WINDOW_STATE = "internal.window-state"
+REGION_PARTIALS = "internal.region-partials"
+REGION_STATE = "internal.region-state"
+
+PUBLIC = [INGEST, TELEMETRY, SERVICE_EVENTS, DLQ, AGGREGATES, ALERTS, INDICATORS]
+INTERNAL = [WINDOW_STATE, REGION_PARTIALS, REGION_STATE]

@@ -1,0 +1,94 @@
+"""Stage 2: merge per-partition kecamatan partial windows into one kecamatan aggregate.
+
+Input records are keyed by kecamatan|metric|window and carry the full partial state of one source
+partition, so applying one twice is harmless (replace, then merge).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from schemas import reasons, topics
+from schemas.results import Rejected
+
+from . import windows as W
+from .outputs import Outputs
+
+MergeKey = tuple[str, str, int]
+
+
+class RegionMergePartition:
+    def __init__(self, partition: int, source_topic: str, size_ms: int, retention_ms: int) -> None:
+        self.partition = partition
+        self.source_topic = source_topic
+        self.size_ms = size_ms
+        self.retention_ms = retention_ms  # keep merged windows this long past their end (sources may lag)
+        self.offset = -1
+        self.watermark = 0
+        self.state: dict[MergeKey, dict[str, list[float]]] = {}
+        self.dirty: set[MergeKey] = set()
+        self.expired = 0
+
+    def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        try:
+            msg = orjson.loads(raw)
+            key = (str(msg["kecamatan"]), str(msg["metric"]), int(msg["window_start"]))
+            src = str(msg["src"])
+            partial = [float(x) for x in msg["state"]]
+            wm = int(msg.get("watermark", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            out.dead_letter(Rejected(reasons.PROCESSING_ERROR, f"bad region partial: {exc}"),
+                            raw, self.source_topic, self.partition, offset, now_ms)
+            return
+        if len(partial) != W.HEADER:
+            out.dead_letter(Rejected(reasons.PROCESSING_ERROR, "region partial state has a wrong length"),
+                            raw, self.source_topic, self.partition, offset, now_ms)
+            return
+        if key not in self.state and key[2] + self.size_ms + self.retention_ms <= self.watermark:
+            self.expired += 1  # far too late: a fresh merge would hold one source only and be wrong
+            return
+        if wm > self.watermark:
+            self.watermark = wm
+        self.state.setdefault(key, {})[src] = partial
+        self.dirty.add(key)
+
+    def flush(self, out: Outputs) -> None:
+        for key in self.dirty:
+            sources = self.state.get(key)
+            if not sources:
+                continue
+            merged = W.merge(array("d", s) for s in sources.values())
+            assert merged is not None
+            kec, metric, start = key
+            out.emit(topics.AGGREGATES, f"kecamatan|{kec}|{metric}|{start}", {
+                "scope": "kecamatan", "key": kec, "region": kec, "metric": metric,
+                "window_start": start, "window_end": start + self.size_ms, **W.result(merged),
+                "final": False,
+            })
+        self.drop_closed()
+
+    def drop_closed(self) -> None:
+        limit = self.watermark - self.size_ms - self.retention_ms
+        for key in [k for k in self.state if k[2] <= limit]:
+            del self.state[key]
+
+    def snapshot(self, full: bool) -> dict[str, Any]:
+        keys = self.state.keys() if full else self.dirty
+        payload = {
+            "offset": self.offset, "watermark": self.watermark, "full": full,
+            "m": [[k[0], k[1], k[2], self.state[k]] for k in keys if k in self.state],
+        }
+        self.dirty = set()
+        return payload
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        if payload.get("full"):
+            self.state.clear()
+        for kec, metric, start, sources in payload.get("m", ()):
+            self.state[(kec, metric, start)] = {s: list(v) for s, v in sources.items()}
+        self.offset = int(payload["offset"])
+        self.watermark = int(payload["watermark"])

@@ -1,0 +1,211 @@
+"""The telemetry hot path for one input partition: validate, de-duplicate, window, emit.
+
+Pure logic over (bytes, offset, now): no Kafka here. The runtime calls `process` per message,
+`flush` at each checkpoint (dirty windows -> aggregates and region partials) and `snapshot`/`restore`
+to keep the state across crashes and rebalances.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import orjson
+
+from schemas import reasons, topics
+from schemas.envelope import TELEMETRY_TYPE
+from schemas.results import Rejected
+
+from . import windows as W
+from .outputs import Outputs
+from .validation import DeviceInfo, Reading, TimePolicy, validate_telemetry
+
+WindowKey = tuple[str, str, int]  # (device_id or kecamatan, metric, window start ms)
+
+
+class EnvelopeHandler(Protocol):
+    """Another family of events on jember.ingest (device status, service events, ...), folded into the
+    same partition's checkpoint. Each handler keeps its own JSON-serialisable state."""
+
+    def handle(self, env: dict[str, Any], raw: bytes, offset: int, now_ms: int, out: Outputs) -> None: ...
+    def flush(self, out: Outputs) -> None: ...
+    def snapshot(self, full: bool) -> dict[str, Any]: ...
+    def restore(self, payload: Mapping[str, Any]) -> None: ...
+
+
+class TelemetryPartition:
+    def __init__(
+        self, partition: int, source_topic: str, size_ms: int, lateness_ms: int, policy: TimePolicy,
+        registry: Callable[[], Mapping[str, DeviceInfo]],
+    ) -> None:
+        self.partition = partition
+        self.source_topic = source_topic
+        self.size_ms = size_ms
+        self.lateness_ms = lateness_ms
+        self.policy = policy
+        self.registry = registry
+        self.offset = -1  # last input offset folded into the state
+        self.watermark = 0  # highest observation time seen on this partition
+        self.devices: dict[WindowKey, array] = {}
+        self.regions: dict[WindowKey, array] = {}
+        self.region_of: dict[str, str] = {}  # device -> region code, for the aggregate rows
+        self.dirty_devices: set[WindowKey] = set()
+        self.dirty_regions: set[WindowKey] = set()
+        self.accepted = 0
+        self.duplicates = 0
+        self.on_reading: Callable[[Reading, Outputs], None] | None = None  # hook for rules (alerts)
+        # other event types on the same topic, by exact type or by type prefix ending in "."
+        self.handlers: dict[str, EnvelopeHandler] = {}
+
+    # -- hot path -------------------------------------------------------------------------------
+    def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        try:
+            env = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            self._reject(Rejected(reasons.MALFORMED_JSON, f"not JSON: {exc}"), raw, offset, now_ms, out)
+            return
+        event_type = env.get("type") if isinstance(env, dict) else None
+        if event_type != TELEMETRY_TYPE and isinstance(event_type, str) and self.handlers:
+            handler = self._handler_for(event_type)
+            if handler is not None:
+                handler.handle(env, raw, offset, now_ms, out)
+                return
+        result, bad_values = validate_telemetry(env, self.registry(), now_ms, self.policy)
+        device_id = env.get("subject") if isinstance(env, dict) else None
+        for rejected in bad_values:
+            self._reject(rejected, raw, offset, now_ms, out, device_id)
+        if isinstance(result, Rejected):
+            self._reject(result, raw, offset, now_ms, out, device_id)
+            return
+        reading = result.value
+        self.fold(reading, raw, offset, now_ms, out)
+
+    def fold(self, reading: Reading, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        size = self.size_ms
+        start = reading.time - (reading.time % size)
+        if W.is_closed(start, size, self.lateness_ms, self.watermark):
+            self._reject(Rejected(
+                reasons.TOO_LATE,
+                f"reading for window {start} arrived after the allowed lateness of {self.lateness_ms // 1000}s",
+            ), raw, offset, now_ms, out, reading.device_id)
+            return
+        t = reading.time
+        if t > self.watermark:
+            self.watermark = t
+        device, kec = reading.device_id, reading.kecamatan
+        fresh: dict[str, float] = {}
+        for metric, value in reading.values.items():
+            key = (device, metric, start)
+            state = self.devices.get(key)
+            if state is None:
+                self.devices[key] = W.initialize(value, t)
+            elif not W.add(state, value, t):
+                continue  # this (device, metric, time) was counted already
+            fresh[metric] = value
+            self.dirty_devices.add(key)
+            if kec is not None:
+                rkey = (kec, metric, start)
+                rstate = self.regions.get(rkey)
+                if rstate is None:
+                    self.regions[rkey] = W.initialize(value, t, keep_times=False)
+                else:
+                    W.add_unchecked(rstate, value, t)
+                self.dirty_regions.add(rkey)
+        if not fresh:
+            self.duplicates += 1
+            self._reject(Rejected(reasons.DUPLICATE, f"reading {reading.id} was already received"),
+                         raw, offset, now_ms, out, device)
+            return
+        self.accepted += 1
+        self.region_of[device] = reading.region
+        reading.values = fresh
+        out.emit(topics.TELEMETRY, device, {
+            "id": reading.id, "device_id": device, "kind": reading.kind, "region": reading.region,
+            "time": t, "values": fresh, "received": reading.received,
+        })
+        if self.on_reading is not None:
+            self.on_reading(reading, out)
+
+    def _handler_for(self, event_type: str) -> EnvelopeHandler | None:
+        handler = self.handlers.get(event_type)
+        if handler is None:
+            for prefix, candidate in self.handlers.items():
+                if prefix.endswith(".") and event_type.startswith(prefix):
+                    return candidate
+        return handler
+
+    def _reject(self, rejected: Rejected, raw: bytes, offset: int, now_ms: int, out: Outputs,
+                device_id: Any = None) -> None:
+        out.dead_letter(rejected, raw, self.source_topic, self.partition, offset, now_ms,
+                        device_id if isinstance(device_id, str) else None)
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def flush(self, out: Outputs) -> None:
+        """Emit the full state of every window changed since the last flush; close expired ones."""
+        size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark
+        for key in self.dirty_devices:
+            state = self.devices.get(key)
+            if state is not None:
+                self._emit_device(key, state, False, out)
+        for key in self.dirty_regions:
+            state = self.regions.get(key)
+            if state is not None:
+                self._emit_partial(key, state, False, out)
+        for key in [k for k in self.devices if W.is_closed(k[2], size, lateness, wm)]:
+            self._emit_device(key, self.devices.pop(key), True, out)
+        for key in [k for k in self.regions if W.is_closed(k[2], size, lateness, wm)]:
+            self._emit_partial(key, self.regions.pop(key), True, out)
+        for handler in self.handlers.values():
+            handler.flush(out)
+
+    def _emit_device(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:
+        device, metric, start = key
+        out.emit(topics.AGGREGATES, f"device|{device}|{metric}|{start}", {
+            "scope": "device", "key": device, "region": self.region_of.get(device, ""), "metric": metric,
+            "window_start": start, "window_end": start + self.size_ms, **W.result(state), "final": final,
+        })
+
+    def _emit_partial(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:
+        kec, metric, start = key
+        out.emit(topics.REGION_PARTIALS, f"{kec}|{metric}|{start}", {
+            "kecamatan": kec, "metric": metric, "window_start": start, "window_end": start + self.size_ms,
+            "src": f"{self.source_topic}:{self.partition}", "state": list(state[: W.HEADER]),
+            "watermark": self.watermark, "final": final,
+        })
+
+    def snapshot(self, full: bool) -> dict[str, Any]:
+        keys_d = self.devices.keys() if full else self.dirty_devices
+        keys_r = self.regions.keys() if full else self.dirty_regions
+        payload = {
+            "offset": self.offset, "watermark": self.watermark, "full": full,
+            "w": [[k[0], k[1], k[2], self.region_of.get(k[0], ""), self.devices[k].tolist()]
+                  for k in keys_d if k in self.devices],
+            "r": [[k[0], k[1], k[2], self.regions[k].tolist()] for k in keys_r if k in self.regions],
+            "h": {name: h.snapshot(full) for name, h in self.handlers.items()},
+        }
+        self.dirty_devices = set()
+        self.dirty_regions = set()
+        return payload
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        if payload.get("full"):
+            self.devices.clear()
+            self.regions.clear()
+        for device, metric, start, region, values in payload.get("w", ()):
+            self.devices[(device, metric, start)] = array("d", values)
+            if region:
+                self.region_of[device] = region
+        for kec, metric, start, values in payload.get("r", ()):
+            self.regions[(kec, metric, start)] = array("d", values)
+        for name, state in payload.get("h", {}).items():
+            if name in self.handlers:
+                self.handlers[name].restore({**state, "full": payload.get("full", False)})
+        self.offset = int(payload["offset"])
+        self.watermark = int(payload["watermark"])
+
+    def drop_closed(self) -> None:
+        size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark
+        for table in (self.devices, self.regions):
+            for key in [k for k in table if W.is_closed(k[2], size, lateness, wm)]:
+                del table[key]
