@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] != ["--"]:
+        # bench parses its own options; argparse's REMAINDER refuses ones that come first (--out ...)
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     settings = Settings()
     setup_logging(args.command, json_lines=settings.log_json)

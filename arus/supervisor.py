@@ -10,6 +10,7 @@ them down with it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -80,6 +81,7 @@ class Supervisor:
     stopping: bool = False
     _starting: bool = True
     _signals: int = 0
+    _lock: IO[bytes] | None = None
 
     # ----------------------------------------------------------------- helpers
 
@@ -94,12 +96,14 @@ class Supervisor:
         self._signals += 1
         self.stopping = True
         if self._signals > 1:
-            # Second Ctrl-C: no more patience for graceful shutdowns.
-            for c in self.children.values():
-                if c.proc is not None:
-                    embedded.kill_group(c.proc.pid, signal.SIGKILL)
+            self._hurry(signum, frame)  # second Ctrl-C: no more patience for graceful shutdowns
         if self._starting:
             raise _Stop()
+
+    def _hurry(self, signum: int, frame: FrameType | None) -> None:
+        for c in self.children.values():
+            if c.proc is not None:
+                embedded.kill_group(c.proc.pid, signal.SIGKILL)
 
     # ----------------------------------------------------------------- start
 
@@ -181,6 +185,8 @@ class Supervisor:
                 comp.service = svc.restart()
                 comp.restarts += 1
                 comp.backoff = BACKOFF_MIN
+                self.say(f".. {svc.name} restarted on {_mask(comp.url)} (pid {comp.service.pid}, "
+                         f"restart #{comp.restarts})")
                 if comp.kind == "kafka":
                     self.ensure_topics()  # the embedded broker is memory-only
             except (ArusError, OSError) as e:
@@ -246,8 +252,9 @@ class Supervisor:
     # ----------------------------------------------------------------- stop
 
     def shutdown(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop itself must not be interrupted
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The stop itself is not interrupted; another Ctrl-C only hurries the children (SIGKILL).
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._hurry)
         running = [c for c in self.children.values() if c.proc is not None]
         if running:
             self.say(f"stopping {', '.join(c.name for c in running)} ...")
@@ -279,6 +286,7 @@ class Supervisor:
                              "to a free port")
                     return 2
                 self.say(f"arus up: data in {self.data_dir}")
+                self._lock = _lock_data_dir(self.data_dir)
                 self.resolve()
                 self.prepare()
                 self.plan_children()
@@ -322,6 +330,23 @@ def run_up(settings: Settings, simulate: bool, simulate_rate: int = 200) -> int:
     except EmbeddedServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold an exclusive lock on data_dir for the supervisor's life: one `arus up` per data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / "arus-up.lock", "a+b")  # noqa: SIM115 - kept open on purpose: it is the lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise EmbeddedServiceError(f"another `arus up` is running with {data_dir}; stop it first, "
+                                   "or set ARUS_DATA_DIR to another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n".encode())
+    f.flush()
+    return f
 
 
 def _mask(url: str) -> str:

@@ -35,6 +35,7 @@ from infra.db import aconnect
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from schemas import topics as topic_names
+from schemas.errors import ConfigError
 from schemas.reasons import PROCESSING_ERROR
 from schemas.results import Rejected
 
@@ -152,21 +153,23 @@ async def write_batch(
         return
     aggregates = dedupe_aggregates(list(aggregates))
     created = False
+    # Round trips matter more than statement count here (the sink interleaves them with its own
+    # work): the statements after the COPYs go as one simple-protocol query.
+    statements: list[sql.Composable] = []
     async with conn.transaction(), conn.cursor() as cur:
         if conn not in _staged:
-            for stmt in _staging_ddl():
-                await cur.execute(stmt)
+            await cur.execute(sql.SQL("; ").join(_staging_ddl()))
             created = True
         if readings:
             await _copy_rows(cur, "readings", readings)
-            await cur.execute(INSERT_READINGS)
-            await cur.execute(UPDATE_LAST_SEEN)
+            statements += [INSERT_READINGS, UPDATE_LAST_SEEN]
         if aggregates:
             await _copy_rows(cur, "aggregates", aggregates)
-            await cur.execute(INSERT_AGGREGATES)
+            statements.append(INSERT_AGGREGATES)
         if dead_letters:
             await _copy_rows(cur, "dead_letters", dead_letters)
-            await cur.execute(INSERT_DEAD_LETTERS)
+            statements.append(INSERT_DEAD_LETTERS)
+        await cur.execute(sql.SQL("; ").join(statements))
     if created:
         _staged.add(conn)
 
@@ -213,6 +216,8 @@ class _Stopped(Exception):
 # --------------------------------------------------------------------------- the consumer
 
 Record = tuple[Kind, bytes | None, str, int, int, int]  # kind, value, topic, partition, offset, timestamp
+Fetched = tuple[Kind, str, int, Sequence[Any]]  # kind, topic, partition, consecutive ConsumerRecords
+_CHUNK = 2000  # messages per fetch: converted between two chances for the flush in flight to progress
 
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -244,11 +249,12 @@ class Sink:
         self._lock = asyncio.Lock()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._inflight: asyncio.Task[None] | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._batch = Batch()
-        self._records: list[Record] = []  # kept to re-convert in halves when a data error hits
+        self._records: list[Fetched] = []  # kept to re-convert in halves when a data error hits
         self._offsets: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._since: float | None = None  # monotonic time of the oldest buffered message
 
@@ -288,6 +294,11 @@ class Sink:
         except _Stopped:
             log.warning("stopped with unflushed messages; their offsets are not committed (they will be replayed)")
         finally:
+            if self._inflight is not None and not self._inflight.done():
+                # Only on an unexpected error: its offsets are not committed, so it is replayed.
+                self._inflight.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._inflight
             with contextlib.suppress(Exception):
                 await consumer.stop()
             if self._conn is not None:
@@ -295,55 +306,81 @@ class Sink:
                     await self._conn.close()
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
-        kinds = self.kinds
+        # Fetches are small (_CHUNK messages) so that the flush in flight, which only waits on
+        # PostgreSQL, gets the event loop between two of them and PostgreSQL works in parallel with
+        # the conversion here. The only awaits are between whole fetches: the rebalance listener
+        # never sees a fetch half-buffered.
+        fetch_max = min(self.flush_rows, _CHUNK)
         while not self.stopping.is_set():
             if self._since is None:
                 timeout_ms = int(self.flush_s * 1000)
             else:
                 timeout_ms = max(0, int((self._since + self.flush_s - time.monotonic()) * 1000))
-            data = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.flush_rows)
-            # No await between here and the end of the loop body's buffering: the rebalance
-            # listener can only run at an await, so it always sees whole fetches.
-            if data:
-                batch, records, offsets = self._batch, self._records, self._offsets
-                if self._since is None:
-                    self._since = time.monotonic()
-                for tp, msgs in data.items():
-                    topic, partition = tp.topic, tp.partition
-                    kind = kinds[topic]
-                    poison_before = batch.poison
-                    for m in msgs:
-                        records.append((kind, m.value, topic, partition, m.offset, m.timestamp))
-                        batch.add(kind, m.value, topic=topic, partition=partition, offset=m.offset,
-                                  timestamp_ms=m.timestamp)
-                    offsets[tp] = msgs[-1].offset + 1
-                    self.metrics.messages.labels(topic).inc(len(msgs))
-                    if batch.poison != poison_before:
-                        self.metrics.poison.labels(topic).inc(batch.poison - poison_before)
-                    hw = consumer.highwater(tp)
-                    if hw is not None:
-                        self.metrics.lag.labels(topic, str(partition)).set(max(0, hw - offsets[tp]))
+            if self._inflight is not None:
+                await asyncio.sleep(0)  # getmany may return buffered records without yielding
+            data = await consumer.getmany(timeout_ms=timeout_ms, max_records=fetch_max)
+            for tp, msgs in data.items():
+                self._buffer(consumer, tp, msgs)
             if self._since is not None and (
                 len(self._batch) >= self.flush_rows or time.monotonic() - self._since >= self.flush_s
             ):
-                await self.flush(reason="batch")
+                await self._flush_in_background()
+
+    def _buffer(self, consumer: AIOKafkaConsumer, tp: TopicPartition, msgs: Sequence[Any]) -> None:
+        """Convert and buffer consecutive messages of one partition (no await: atomic for the listener)."""
+        topic, partition = tp.topic, tp.partition
+        kind = self.kinds[topic]
+        if self._since is None:
+            self._since = time.monotonic()
+        self._records.append((kind, topic, partition, msgs))
+        poison = self._batch.add_records(kind, msgs, topic=topic, partition=partition)
+        next_offset = self._offsets[tp] = msgs[-1].offset + 1
+        self.metrics.messages.labels(topic).inc(len(msgs))
+        if poison:
+            self.metrics.poison.labels(topic).inc(poison)
+        hw = consumer.highwater(tp)
+        if hw is not None:
+            self.metrics.lag.labels(topic, str(partition)).set(max(0, hw - next_offset))
 
     # ---- flushing
 
+    # One flush at a time, in order (so the newest aggregate state is written last), but
+    # pipelined: while PostgreSQL works on flush N in its own process, this loop fetches and
+    # converts batch N+1. Flush N+1 starts only after flush N has committed its offsets.
+
+    def _take(self) -> tuple[Batch, list[Fetched], dict[TopicPartition, int]]:
+        job = (self._batch, self._records, self._offsets)
+        self._reset()
+        return job
+
+    async def _wait_inflight(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task  # re-raises _Stopped (or a bug) from the flush
+
     async def flush(self, reason: str) -> None:
+        """Write and commit everything fetched so far; returns when it is committed."""
         async with self._lock:
-            if not self._offsets:
-                return
-            batch, records, offsets = self._batch, self._records, self._offsets
-            t0 = time.monotonic()
-            await self._write(batch, records)  # raises _Stopped only when stopping
-            self._reset()
-            await self._commit(offsets)
-            n = len(batch)
-            self.metrics.batch_rows.observe(n)
-            self.metrics.flush_seconds.observe(time.monotonic() - t0)
-            self.metrics.last_flush.set(time.time())
-            log.debug("flushed %d rows from %d messages (%s)", n, len(records), reason)
+            await self._wait_inflight()
+            if self._offsets:
+                await self._flush_job(self._take(), reason)
+
+    async def _flush_in_background(self) -> None:
+        async with self._lock:
+            await self._wait_inflight()
+            if self._offsets:
+                self._inflight = asyncio.create_task(self._flush_job(self._take(), "batch"))
+
+    async def _flush_job(self, job: tuple[Batch, list[Fetched], dict[TopicPartition, int]], reason: str) -> None:
+        batch, records, offsets = job
+        t0 = time.monotonic()
+        await self._write(batch, records)  # raises _Stopped only when stopping
+        await self._commit(offsets)  # strictly after the rows are committed in PostgreSQL
+        n = len(batch)
+        self.metrics.batch_rows.observe(n)
+        self.metrics.flush_seconds.observe(time.monotonic() - t0)
+        self.metrics.last_flush.set(time.time())
+        log.debug("flushed %d rows from %d messages (%s)", n, sum(len(f[3]) for f in records), reason)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -381,10 +418,15 @@ class Sink:
             self.metrics.rows_written.labels("dead_letters").inc(len(batch.dead_letters))
             return None
 
-    async def _write(self, batch: Batch, records: list[Record]) -> None:
+    async def _write(self, batch: Batch, fetched: list[Fetched]) -> None:
         error = await self._attempt(batch)
         if error is None:
             return
+        records: list[Record] = [
+            (kind, m.value, topic, partition, m.offset, m.timestamp)
+            for kind, topic, partition, msgs in fetched
+            for m in msgs
+        ]
         # Some message(s) make PostgreSQL refuse the batch: bisect, in order (so the last
         # aggregate state still wins), until each refused message is alone; store it as a dead letter.
         self.metrics.errors.labels("isolate").inc()
@@ -446,8 +488,9 @@ async def _main(settings: Settings, registry: CollectorRegistry) -> None:
 def run_sink(settings: Settings, registry: CollectorRegistry | None = None) -> None:
     """Run the sink until SIGTERM/SIGINT (then flush, commit and return). Blocking."""
     if settings.kafka_bootstrap is None:
-        raise ValueError("ARUS_KAFKA_BOOTSTRAP is not set")
-    settings.database_dsn()  # fail early, with the settings error, when the DSN is missing
+        raise ConfigError("ARUS_KAFKA_BOOTSTRAP is not set")
+    if settings.database_url is None:
+        raise ConfigError("ARUS_DATABASE_URL is not set")
     registry = registry if registry is not None else CollectorRegistry()
     if settings.sink_metrics_port is not None:
         start_http_server(settings.sink_metrics_port, registry=registry)

@@ -317,6 +317,8 @@ def start_tansu(port: int, data_dir: Path) -> EmbeddedService:
         if time.monotonic() > deadline:
             raise _fail("tansu", proc, log_path, "no Kafka metadata answer")
         time.sleep(0.02)
+    if proc.poll() is not None:  # what answered was another broker that took the port first
+        raise _fail("tansu", proc, log_path, f"exited with {proc.returncode}")
     return EmbeddedService("tansu", f"127.0.0.1:{port}", proc, log_path, port=port,
                            restart=lambda: start_tansu(port, data_dir),
                            started_s=time.monotonic() - t0)
@@ -435,6 +437,14 @@ def _pg_home(data_dir: Path, user: str | None) -> Path:
     return real  # the server gets the real path: it cannot walk through data_dir
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(data[data.rfind(")") + 2:].split()[1])
+
+
 def _clear_stale_pidfile(cluster: Path) -> None:
     """Stop a postmaster left over on this data dir, or drop its stale pid file."""
     pidfile = cluster / "postmaster.pid"
@@ -447,7 +457,12 @@ def _clear_stale_pidfile(cluster: Path) -> None:
     except OSError:
         cmdline = []
     if cmdline and b"postgres" in cmdline[0]:
-        # Ours from an earlier run whose supervisor died: fast shutdown, then take over.
+        ppid = _ppid(pid)
+        if ppid not in (None, 0, 1):
+            raise EmbeddedServiceError(
+                f"PostgreSQL (pid {pid}) already runs on {cluster}, started by pid {ppid}: "
+                "is another `arus up` (or test run) using this data directory?")
+        # An orphan from an earlier run whose supervisor died: fast shutdown, then take over.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
         deadline = time.monotonic() + 60
@@ -687,6 +702,8 @@ def start_mqtt(
         if time.monotonic() > deadline:
             raise _fail(name, proc, log_path, "no CONNACK")
         time.sleep(0.02)
+    if proc.poll() is not None:  # what answered was another broker that took the port first
+        raise _fail(name, proc, log_path, f"exited with {proc.returncode}")
     return EmbeddedService(
         name, f"mqtt://127.0.0.1:{port}", proc, log_path, port=port,
         restart=lambda: start_mqtt(port, data_dir, password_file, acl_file),

@@ -229,10 +229,11 @@ def _json_failure(payload: bytes, error: orjson.JSONDecodeError) -> tuple[str, s
         constants.append(name)
         return math.nan
 
-    try:  # the standard library accepts NaN/Infinity: if it parses, they were the cause
-        json.loads(text, parse_constant=_constant)
-    except ValueError:
-        pass
+    if "NaN" in text or "Infinity" in text:
+        try:  # the standard library accepts NaN/Infinity: if it parses, they were the cause
+            json.loads(text, parse_constant=_constant)
+        except (ValueError, RecursionError):
+            pass
     if constants or "infinity" in error.msg:
         found = ", ".join(sorted(set(constants))) or "a number too large for a double"
         return reasons.MALFORMED_JSON, (

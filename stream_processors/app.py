@@ -84,6 +84,11 @@ async def run_worker_async(settings: Settings, registry_metrics: CollectorRegist
     for r in runners:
         await r.stop()
     stop.set()
+    # a runner still connecting (Kafka down) must not hold the shutdown: give the others time to
+    # checkpoint and commit, then cancel what is left
+    _, stuck = await asyncio.wait(tasks, timeout=15)
+    for t in stuck:
+        t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for t in done:
         if t is not stopper and t.exception() is not None:

@@ -143,11 +143,19 @@ def embedded_stack(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
         stack.stop_all()
         if stack.start_times:
             times = ", ".join(f"{k} {v:.2f}s" for k, v in stack.start_times.items())
-            print(f"\n[arus tests] embedded services started in: {times}", file=sys.stderr)
+            _SUMMARY.append(f"embedded services started in: {times}")
         if request.session.testsfailed:
-            print(f"[arus tests] service logs kept in {base}", file=sys.stderr)
+            _SUMMARY.append(f"service logs kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
+
+
+_SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _SUMMARY:
+        terminalreporter.write_line(f"[arus tests] {line}")
 
 
 @pytest.fixture(scope="session")
@@ -281,6 +289,8 @@ def arus_env(
             "ARUS_DATA_DIR": str(tmp_path / "arus-data"),
             "ARUS_HTTP_PORT": str(embedded.free_port()),
             "ARUS_PARTITIONS": str(partitions),
+            # persistent MQTT sessions are per client id: one per test, never shared across tests
+            "ARUS_GATEWAY_CLIENT_ID": f"gw-{topic_prefix.rstrip('.')}",
             "PYTHONUNBUFFERED": "1",
         })
         env.update({k: str(v) for k, v in extra.items()})
@@ -356,8 +366,13 @@ def spawn_arus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spawn
 
     yield spawn
 
+    # SIGTERM to all at once, then wait: shutdowns overlap instead of adding up.
     for p in spawned:
-        p.stop(timeout=10)
+        if p.alive():
+            embedded.kill_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in spawned:
+        embedded.stop_process(p.proc, timeout=max(0.5, deadline - time.monotonic()))
     if _test_failed(request.node):
         for p in spawned:
             print(f"\n----- {p.name} (pid {p.pid}, exit {p.proc.returncode}) {p.log_path} -----\n"

@@ -42,11 +42,11 @@ def wait_until(
 
 
 async def wait_until_async(
-    predicate: Callable[[], Awaitable[T]] | Callable[[], T],
+    predicate: Callable[[], Any],
     timeout: float,
     interval: float = 0.05,
     message: str = "",
-) -> T:
+) -> Any:
     """`wait_until` for async tests; the predicate may be a coroutine function."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -56,7 +56,7 @@ async def wait_until_async(
             if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last_exc = None
         except AssertionError:
             raise

@@ -188,7 +188,7 @@ def test_postgres_data_dir_unreachable_for_the_server_user(tmp_path: Path) -> No
 def _mqtt_client(port: int, client_id: str, clean: bool = True) -> tuple[mqtt.Client, queue.Queue[bytes]]:
     received: queue.Queue[bytes] = queue.Queue()
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
-    c.on_message = lambda client, userdata, msg: received.put(msg.payload)
+    c.on_message = lambda client, userdata, msg: received.put(bytes(msg.payload))
     c.connect("127.0.0.1", port, keepalive=30)
     c.loop_start()
     wait_until(c.is_connected, 10, message=f"{client_id} connected")
@@ -207,10 +207,15 @@ def _close(c: mqtt.Client) -> None:
     c.loop_stop()
 
 
-def test_mqtt_publish_subscribe_qos1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["mosquitto", "amqtt"])
+def test_mqtt_publish_subscribe_qos1(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend == "amqtt":
+        monkeypatch.setattr(embedded, "_mosquitto_bin", lambda: None)  # as on a machine without it
+    elif embedded.mqtt_backend() != "mosquitto":
+        pytest.skip("mosquitto is not installed")
     svc = embedded.start_mqtt(embedded.free_port(), tmp_path)
     _report(svc)
-    assert svc.name == embedded.mqtt_backend()
+    assert svc.name == backend == embedded.mqtt_backend()
     try:
         sub, received = _mqtt_client(svc.port, "sub-1")
         _subscribe(sub, "jember/v1/+/telemetry")
@@ -320,6 +325,12 @@ def test_arus_up_starts_everything_and_leaves_nothing(svc_dir: Path, how: str) -
         for child in ("gateway", "worker", "sink", "api", "postgres", "mosquitto|amqtt", "tansu"):
             assert re.search(child, names), f"{child} not among {names}"
         if how == "sigterm":
+            # One `arus up` per data directory: a second one says so and leaves the first alone.
+            second = subprocess.run([sys.executable, "-m", "arus.cli", "up"], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=60,
+                                    env={**env, "ARUS_HTTP_PORT": str(embedded.free_port())})
+            assert second.returncode == 1 and "another `arus up` is running" in second.stdout, second
+            assert all(p.is_running() for p in kids)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, out.read_text()
             assert "arus stopped" in out.read_text()

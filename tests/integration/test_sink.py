@@ -11,6 +11,7 @@ import re
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -128,8 +129,11 @@ SinkEnv = Callable[..., dict[str, str]]
 
 @pytest.fixture
 def sink_env(arus_env: SinkEnv, fresh_database_url: str) -> Callable[..., dict[str, str]]:
+    group = "g" + uuid.uuid4().hex[:10]  # a consumer group of this test alone (default: shared `arus-sink`)
+
     def make(**extra: str) -> dict[str, str]:
-        return arus_env(fresh_database_url, partitions=PARTITIONS, **extra)
+        return arus_env(fresh_database_url, partitions=PARTITIONS, ARUS_CONSUMER_GROUP_PREFIX=group, **extra)
+
     return make
 
 
@@ -303,3 +307,105 @@ def test_sigterm_flushes_and_commits_so_a_restart_reads_nothing_again(
     consumed = metric(wait_until(lambda: scrape(port), 30), "arus_sink_messages_total", f'topic="{tel}"')
     assert consumed == PARTITIONS
     assert pg_scalar(db, "SELECT count(*) FROM readings") == 500 + PARTITIONS
+
+
+def test_database_errors_are_retried_and_nothing_is_lost(
+    sink_env: SinkEnv, fresh_database_url: str, topic_prefix: str, producer: Producer, spawn_arus: Any
+) -> None:
+    db = fresh_database_url
+    tel = topic_prefix + "telemetry"
+    sink = spawn_arus("sink", env=sink_env())
+    producer.send([(tel, b"d1", j(reading(i, "d1", {"waterLevel": 1.0})), None) for i in range(100)])
+    wait_until(lambda: pg_scalar(db, "SELECT count(*) FROM readings") == 100, LAND_TIMEOUT, message="stored")
+
+    # the table disappears (an operator mistake, a failover): every write fails until it is back
+    pg_fetch(db, "ALTER TABLE readings RENAME TO readings_away")
+    producer.send([(tel, b"d1", j(reading(i, "d1", {"waterLevel": 2.0})), None) for i in range(100, 300)])
+    wait_until(lambda: "retrying" in sink.log(), LAND_TIMEOUT, message="the sink reports failing writes")
+    pg_fetch(db, "ALTER TABLE readings_away RENAME TO readings")
+    wait_until(lambda: pg_scalar(db, "SELECT count(*) FROM readings") == 300, LAND_TIMEOUT,
+               message="the held-back rows are stored once the table is back")
+    assert pg_scalar(db, "SELECT sum(value) FROM readings") == 100 * 1.0 + 200 * 2.0
+    assert pg_scalar(db, "SELECT count(*) FROM dead_letters") == 0  # an outage is not a poison message
+    assert sink.alive()
+
+
+def test_rows_the_database_refuses_are_isolated_into_dead_letters(
+    sink_env: SinkEnv, fresh_database_url: str, topic_prefix: str, producer: Producer, spawn_arus: Any
+) -> None:
+    db = fresh_database_url
+    tel = topic_prefix + "telemetry"
+    # a rule the sink does not know about: PostgreSQL refuses the whole batch that contains the row
+    pg_fetch(db, "ALTER TABLE readings ADD CONSTRAINT test_non_negative CHECK (value >= 0)")
+    msgs: list[Message] = [
+        (tel, b"d1", j(reading(i, "d1", {"waterLevel": -1.0 if i == 137 else float(i)})), None)
+        for i in range(400)
+    ]
+    producer.send(msgs)
+    sink = spawn_arus("sink", env=sink_env())
+    wait_until(lambda: pg_scalar(db, "SELECT count(*) FROM readings") == 399
+               and pg_scalar(db, "SELECT count(*) FROM dead_letters") == 1, LAND_TIMEOUT,
+               message="the good rows stored, the refused one dead-lettered")
+    assert pg_scalar(db, "SELECT count(*) FROM readings WHERE event_id = 'ev-137'") == 0
+    reason, message, raw = pg_fetch(db, "SELECT reason, message, raw FROM dead_letters")[0]
+    assert reason == "processing_error"
+    assert "refused by PostgreSQL" in message and "test_non_negative" in message
+    assert orjson.loads(raw)["id"] == "ev-137"
+    assert sink.alive()
+
+
+def test_rebalances_between_two_sinks_keep_rows_exact_and_last_states_last(
+    sink_env: SinkEnv, fresh_database_url: str, topic_prefix: str, kafka_bootstrap: str, spawn_arus: Any
+) -> None:
+    db = fresh_database_url
+    tel, agg = topic_prefix + "telemetry", topic_prefix + "aggregates"
+    env = sink_env()
+    total, rate, keys = 30_000, 6_000, 40
+    sent = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:  # paced load generator: each aggregate key gets ever larger states
+        try:
+            p = Producer(kafka_bootstrap)
+            start = time.monotonic()
+            chunk = 500
+            for base in range(0, total, chunk):
+                batch: list[Message] = []
+                for i in range(base, base + chunk):
+                    dev = f"dev-{i % 100:03d}"
+                    batch.append((tel, dev.encode(), j(reading(i, dev, {"waterLevel": float(i)})), None))
+                    key = f"agg-{i % keys:02d}"
+                    batch.append((agg, key.encode(), j(aggregate(key, i // keys + 1)), None))
+                p.send(batch)
+                ahead = (base + chunk) / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the generator, not synchronising the test
+            p.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            sent.set()
+
+    def count() -> int:
+        return int(pg_scalar(db, "SELECT count(*) FROM readings"))
+
+    threading.Thread(target=produce, daemon=True).start()
+    a = spawn_arus("sink", env=env, name="sink-a")
+    wait_until(lambda: count() > 0, LAND_TIMEOUT, message="sink a stores rows")
+    b = spawn_arus("sink", env=env, name="sink-b")  # joins: a's partitions are revoked and split
+    wait_until(lambda: a.log().count("assigned ") >= 2 and "assigned " in b.log(), LAND_TIMEOUT,
+               message="a rebalance split the partitions between the two sinks")
+    at_split = count()
+    assert at_split < total or not sent.is_set(), "the stream ended before the rebalance"
+    wait_until(lambda: count() > at_split, LAND_TIMEOUT, message="rows keep landing after the split")
+    assert a.stop(timeout=30) == 0, a.log_tail()  # leaves: b takes everything over
+    assert sent.wait(LAND_TIMEOUT) and not errors, errors
+    wait_until(lambda: count() == total, LAND_TIMEOUT, message="all rows stored")
+    stats = pg_fetch(db, "SELECT count(*), count(DISTINCT event_id), sum(value) FROM readings")[0]
+    assert stats == (total, total, float(sum(range(total))))
+    wait_until(
+        lambda: pg_fetch(db, "SELECT key, count FROM aggregates ORDER BY key")
+        == [(f"agg-{k:02d}", total // keys) for k in range(keys)],
+        LAND_TIMEOUT, message="each window holds its last state",
+    )
+    assert b.alive()

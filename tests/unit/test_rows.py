@@ -16,6 +16,8 @@ from consumers.rows import (
     READINGS_COLUMNS,
     Batch,
     Kind,
+    _reading_rows_careful,
+    _reading_rows_fast,
     dedupe_aggregates,
     ms_to_datetime,
     parse_aggregate,
@@ -283,3 +285,46 @@ def test_arbitrary_json_objects_never_raise(msg: dict[str, object]) -> None:
         for row in result.value:
             assert isinstance(row[0], datetime) and row[0].tzinfo is not None
             assert isinstance(row[4], float)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"id": st.text(max_size=600), "device_id": st.text(max_size=140), "region": st.text(max_size=70)},
+        optional={
+            "time": st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.text()),
+            "values": st.one_of(
+                st.dictionaries(st.text(max_size=140), st.one_of(st.floats(), st.integers(-(2**63), 2**63 - 1),
+                                                                  st.booleans(), st.none()), max_size=3),
+                st.lists(st.integers(), max_size=2),
+            ),
+        },
+    )
+)
+def test_fast_path_agrees_with_the_careful_path(msg: dict[str, object]) -> None:
+    try:
+        raw = orjson.dumps(msg)
+    except (TypeError, orjson.JSONEncodeError):
+        return
+    fast = _reading_rows_fast(raw)
+    careful = _reading_rows_careful(raw)
+    if fast is not None:
+        assert fast == careful  # whatever the fast path accepts, the careful one accepts identically
+
+
+class _Rec:
+    def __init__(self, value: bytes | None, offset: int) -> None:
+        self.value, self.offset, self.timestamp = value, offset, T0
+
+
+def test_add_records_matches_add() -> None:
+    values = [orjson.dumps(reading(id=f"e{i}", time=T0 + i)) for i in range(5)] + [b"nope", None]
+    one, bulk = Batch(), Batch()
+    for i, v in enumerate(values):
+        one.add(Kind.TELEMETRY, v, topic="t", partition=1, offset=i, timestamp_ms=T0)
+    assert bulk.add_records(Kind.TELEMETRY, [_Rec(v, i) for i, v in enumerate(values)], topic="t", partition=1) == 2
+    assert (bulk.readings, bulk.dead_letters, bulk.poison) == (one.readings, one.dead_letters, one.poison)
+    agg = Batch()
+    assert agg.add_records(Kind.AGGREGATES, [_Rec(orjson.dumps(aggregate()), 0), _Rec(b"{}", 1)],
+                           topic="a", partition=0) == 1
+    assert len(agg.aggregates) == 1 and len(agg.dead_letters) == 1
