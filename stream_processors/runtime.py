@@ -283,8 +283,8 @@ class StreamRunner(ConsumerRebalanceListener):
             pending: dict[int, list[bytes]] = {p: [] for p in partitions}
             seen_full = dict.fromkeys(partitions, False)
             remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
+
+            def apply(batch: dict[TopicPartition, list[Any]]) -> None:
                 for tp, messages in batch.items():
                     p = tp.partition
                     for msg in messages:
@@ -300,9 +300,20 @@ class StreamRunner(ConsumerRebalanceListener):
                                 procs[p].restore(payload)
                                 applied[p] += 1
                             pending[p] = []
+
+            while remaining:
+                apply(await reader.getmany(*remaining, timeout_ms=500, max_records=5000))
                 for tp in list(remaining):
                     if await reader.position(tp) >= ends[tp]:
                         remaining.discard(tp)
+            # Tansu reports the end offset as the start of the last record batch + 1, so records of
+            # that batch may lie past it: drain until a fetch comes back empty.
+            if any(ends[tp] > 0 for tp in tps):
+                while True:
+                    tail = await reader.getmany(*tps, timeout_ms=300, max_records=5000)
+                    if not any(tail.values()):
+                        break
+                    apply(tail)
         finally:
             await reader.stop()
         for p, proc in procs.items():
