@@ -7,10 +7,11 @@ DLQ = "dlq"
 AGGREGATES = "aggregates"
 ALERTS = "alerts"
 INDICATORS = "indicators"
+DEVICE_STATUS = "device-status"  # extension: online/offline of devices, keyed by device id
 # internal: state checkpoints of the processors and per-partition kecamatan partial aggregates
 WINDOW_STATE = "internal.window-state"
 REGION_PARTIALS = "internal.region-partials"
 REGION_STATE = "internal.region-state"
 
-PUBLIC = [INGEST, TELEMETRY, SERVICE_EVENTS, DLQ, AGGREGATES, ALERTS, INDICATORS]
+PUBLIC = [INGEST, TELEMETRY, SERVICE_EVENTS, DLQ, AGGREGATES, ALERTS, INDICATORS, DEVICE_STATUS]
 INTERNAL = [WINDOW_STATE, REGION_PARTIALS, REGION_STATE]

@@ -13,7 +13,9 @@ from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from infra.topics import all_topics
 from schemas import topics
+from schemas.envelope import STATUS_TYPE
 
+from .device_status import DeviceStatusHandler
 from .metrics import WorkerMetrics
 from .region_merge import RegionMergePartition
 from .registry import DeviceRegistry
@@ -36,11 +38,15 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         checkpoint_interval_ms=settings.checkpoint_interval_ms,
         session_timeout_ms=settings.worker_session_timeout_ms,
     )
+    def _ingest_partition(p: int) -> TelemetryPartition:
+        part = TelemetryPartition(p, ingest, size_ms, settings.allowed_lateness_s * 1000, policy, lambda: registry)
+        part.handlers[STATUS_TYPE] = DeviceStatusHandler(p, ingest, lambda: registry)
+        return part
+
     telemetry = StreamRunner(
         name="telemetry", group_id=f"{settings.consumer_group_prefix}-worker",
         source_topic=ingest, state_topic=settings.topic(topics.WINDOW_STATE),
-        factory=lambda p: TelemetryPartition(p, ingest, size_ms, settings.allowed_lateness_s * 1000,
-                                             policy, lambda: registry),
+        factory=lambda p: _ingest_partition(p),
         **common,  # type: ignore[arg-type]
     )
     region = StreamRunner(

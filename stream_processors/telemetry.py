@@ -7,6 +7,7 @@ to keep the state across crashes and rebalances.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ class TelemetryPartition:
         self.watermark = 0  # highest observation time seen on this partition
         self.devices: dict[WindowKey, array] = {}
         self.regions: dict[WindowKey, array] = {}
+        self._starts: dict[int, int] = {}
         self.region_of: dict[str, str] = {}  # device -> region code, for the aggregate rows
         self.dirty_devices: set[WindowKey] = set()
         self.dirty_regions: set[WindowKey] = set()
@@ -84,6 +86,7 @@ class TelemetryPartition:
     def fold(self, reading: Reading, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
         size = self.size_ms
         start = reading.time - (reading.time % size)
+        start = self._starts.setdefault(start, start)  # one int object per window start, shared by keys
         if W.is_closed(start, size, self.lateness_ms, self.watermark):
             self._reject(Rejected(
                 reasons.TOO_LATE,
@@ -93,7 +96,7 @@ class TelemetryPartition:
         t = reading.time
         if t > self.watermark:
             self.watermark = t
-        device, kec = reading.device_id, reading.kecamatan
+        device, kec = sys.intern(reading.device_id), reading.kecamatan  # one string per device in keys
         fresh: dict[str, float] = {}
         for metric, value in reading.values.items():
             key = (device, metric, start)
@@ -158,6 +161,7 @@ class TelemetryPartition:
             self._emit_partial(key, self.regions.pop(key), True, out)
         for handler in self.handlers.values():
             handler.flush(out)
+        self._starts = {s: s for s in self._starts if not W.is_closed(s, size, lateness, wm)}
 
     def _emit_device(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:
         device, metric, start = key
@@ -206,6 +210,7 @@ class TelemetryPartition:
 
     def drop_closed(self) -> None:
         size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark
+        self._starts = {s: s for s in self._starts if not W.is_closed(s, size, lateness, wm)}
         for table in (self.devices, self.regions):
             for key in [k for k in table if W.is_closed(k[2], size, lateness, wm)]:
                 del table[key]

@@ -165,3 +165,21 @@ def test_region_merge_combines_sources_and_is_idempotent():
     m2 = RegionMergePartition(0, "x", 60_000, 3_600_000)
     m2.restore(orjson.loads(orjson.dumps(snap)))
     assert m2.state == m.state
+
+
+def test_status_of_a_registered_device_is_forwarded_and_unknown_is_dead_lettered():
+    from schemas.envelope import STATUS_TYPE
+    from stream_processors.device_status import DeviceStatusHandler
+
+    p, out = new_partition(), Outputs()
+    p.handlers[STATUS_TYPE] = DeviceStatusHandler(0, "jember.ingest", lambda: REG)
+
+    def status(device, value):
+        return orjson.dumps({"specversion": "1.0", "id": f"{device}/status/1", "source": "x", "type": STATUS_TYPE,
+                             "time": T0, "subject": device, "data": {"status": value}})
+
+    p.process(status("d1", "offline"), 0, NOW, out)
+    p.process(status("nobody", "online"), 1, NOW, out)
+    p.process(status("d1", "asleep"), 2, NOW, out)
+    assert records(out, "device-status") == [{"device_id": "d1", "status": "offline", "time": T0, "id": "d1/status/1"}]
+    assert [d["reason"] for d in records(out, "dlq")] == [reasons.UNKNOWN_DEVICE, reasons.INVALID_PAYLOAD]
