@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -82,7 +83,7 @@ async def run_worker_async(settings: Settings, registry_metrics: CollectorRegist
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(r.run(), name=r.name) for r in runners]
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(r.run(), name=r.name) for r in runners]
     tasks.append(asyncio.create_task(_refresh_loop(registry, stop)))
     log.info("worker started: %s", ", ".join(r.source_topic for r in runners))
     stopper = asyncio.create_task(stop.wait())

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -79,7 +79,7 @@ class BatchProducer:
             n = self.partitions[topic] = len(parts)
         return n
 
-    async def send(self, records: list[tuple[str, bytes | None, bytes]], partition: int | None = None,
+    async def send(self, records: Sequence[tuple[str, bytes | None, bytes]], partition: int | None = None,
                    topic: str | None = None) -> None:
         """Records are (topic suffix, key, value); `topic` overrides the suffix with a full name."""
         by_tp: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}

@@ -15,10 +15,14 @@ from schemas.sensors import SENSOR_KINDS
 
 
 class DeviceInfo(Protocol):
-    device_id: str
-    kind: str
-    region_code: str
-    revoked: bool
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def region_code(self) -> str: ...
+    @property
+    def revoked(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
