@@ -97,6 +97,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from arus.dlq import main as dlq_main
+
+    return dlq_main(_settings(), args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import main as bench_main
 
@@ -132,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         dsub.add_parser(action).add_argument("device_id")
     dsub.add_parser("list")
     dev.set_defaults(func=cmd_devices)
+    dlq = sub.add_parser("dlq", help="dead letters: list, replay after a fix")
+    from arus.dlq import add_arguments as dlq_arguments
+
+    dlq_arguments(dlq)
+    dlq.set_defaults(func=cmd_dlq)
     bench = sub.add_parser("bench", help="benchmarks of every stage (see bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)

@@ -108,6 +108,32 @@ def is_local_path(source: str) -> bool:
 
 # ----------------------------------------------------------------------------- compose: structure
 
+# Compose Specification keys this file may use (a typo such as `depend_on` is silently ignored by
+# some compose versions).
+TOP_LEVEL_KEYS = {"name", "services", "volumes", "networks", "secrets", "configs", "include"}
+SERVICE_KEYS = {
+    "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
+    "depends_on", "healthcheck", "restart", "stop_grace_period", "stop_signal", "logging", "hostname",
+    "networks", "user", "working_dir", "shm_size", "ulimits", "deploy", "labels", "init", "read_only",
+    "tmpfs", "cap_drop", "cap_add", "security_opt", "extra_hosts", "profiles", "secrets", "configs",
+}
+HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval", "disable"}
+
+
+def test_compose_uses_only_known_keys(compose: dict[str, Any]) -> None:
+    for key in compose:
+        assert key in TOP_LEVEL_KEYS or key.startswith("x-"), f"unknown top-level key {key}"
+    for name, svc in compose["services"].items():
+        assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name)
+        unknown = set(svc) - SERVICE_KEYS
+        assert not unknown, f"{name}: unknown keys {unknown}"
+        assert set(svc.get("healthcheck") or {}) <= HEALTHCHECK_KEYS, name
+        for key in ("interval", "timeout", "start_period"):
+            value = (svc.get("healthcheck") or {}).get(key)
+            assert value is None or re.fullmatch(r"\d+(ms|s|m|h)", str(value)), f"{name}: {key} {value}"
+        command = svc.get("command")
+        assert command is None or isinstance(command, (str, list)), name
+
 
 def test_every_service_has_an_image_or_a_build(services: dict[str, dict[str, Any]]) -> None:
     for name, svc in services.items():
