@@ -147,10 +147,12 @@ class TelemetryPartition:
     def flush(self, out: Outputs) -> None:
         """Emit the full state of every window changed since the last flush; close expired ones."""
         size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark
+        devices = self.devices
         for key in self.dirty_devices:
-            state = self.devices.get(key)
+            state = devices.get(key)
             if state is not None:
                 self._emit_device(key, state, False, out)
+                devices[key] = array("d", state)  # exact-size copy: appends over-allocate
         for key in self.dirty_regions:
             state = self.regions.get(key)
             if state is not None:
