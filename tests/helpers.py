@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import orjson
+import paho.mqtt.client as mqtt
 import psycopg
 
 T = TypeVar("T")
@@ -79,3 +82,32 @@ def pg_scalar(dsn: str, sql: str, params: Sequence[Any] | dict[str, Any] | None 
     """The first column of the first row, or None."""
     rows = pg_fetch(dsn, sql, params)
     return rows[0][0] if rows else None
+
+
+def publish_mqtt(mqtt_url: str, messages: list[tuple[str, bytes]]) -> None:
+    """Publish with QoS 1 from an outside client and wait for every PUBACK."""
+    host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"outside-{uuid.uuid4().hex[:8]}")
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+            assert info.is_published()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def wait_pipeline_ready(dsn: str, mqtt_url: str, timeout: float = 90) -> None:
+    """Probes from an unregistered device until one comes back as a dead letter: then the gateway is
+    subscribed, the worker owns its partitions and the sink writes."""
+    probe = f"probe-{uuid.uuid4().hex[:6]}"
+
+    def probed() -> bool:
+        publish_mqtt(mqtt_url, [(f"jember/v1/{probe}/telemetry",
+                            orjson.dumps({"ts": int(time.time() * 1000), "values": {"waterLevel": 1}}))])
+        return bool(pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE device_id = %s", [probe]))
+
+    wait_until(probed, timeout, interval=0.5, message="pipeline answers a probe")

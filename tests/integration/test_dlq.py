@@ -6,50 +6,19 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as mqtt
 import psycopg
 
 from arus.dlq import DeadLetter, plan_replay
 from infra.devices import add_device
 from infra.settings import Settings
-from tests.helpers import pg_fetch, pg_scalar, wait_until
+from tests.helpers import pg_fetch, pg_scalar, publish_mqtt, wait_pipeline_ready, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def publish(mqtt_url: str, messages: list[tuple[str, bytes]]) -> None:
-    """Publish with QoS 1 from an outside client and wait for every PUBACK."""
-    host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"outside-{uuid.uuid4().hex[:8]}")
-    client.connect(host, int(port))
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
-
-
-def wait_pipeline_ready(dsn: str, mqtt_url: str, timeout: float = 90) -> None:
-    """Probes from an unregistered device until one comes back as a dead letter: then the gateway is
-    subscribed, the worker owns its partitions and the sink writes."""
-    probe = f"probe-{uuid.uuid4().hex[:6]}"
-
-    def probed() -> bool:
-        publish(mqtt_url, [(f"jember/v1/{probe}/telemetry",
-                            orjson.dumps({"ts": int(time.time() * 1000), "values": {"waterLevel": 1}}))])
-        return bool(pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE device_id = %s", [probe]))
-
-    wait_until(probed, timeout, interval=0.5, message="pipeline answers a probe")
 
 
 def arus(env: dict[str, str], *args: str) -> str:
@@ -68,7 +37,7 @@ def test_replayed_dead_letter_lands_once(arus_env, spawn_arus, fresh_database_ur
 
     device = f"wl-{uuid.uuid4().hex[:6]}"
     observed = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=20)
-    publish(mqtt_url, [(f"jember/v1/{device}/telemetry",
+    publish_mqtt(mqtt_url, [(f"jember/v1/{device}/telemetry",
                         orjson.dumps({"ts": observed.isoformat(), "values": {"waterLevel": 1.5}}))])
     wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE device_id = %s"
                                       " AND reason = 'unknown_device'", [device]), 60,

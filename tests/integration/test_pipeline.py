@@ -8,41 +8,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import orjson
-import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
 from infra.devices import add_device
-from tests.helpers import pg_fetch, pg_scalar, wait_until
-
-
-def publish(mqtt_url: str, messages: list[tuple[str, bytes]]) -> None:
-    """Publish with QoS 1 from an outside client and wait for every PUBACK."""
-    host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"outside-{uuid.uuid4().hex[:8]}")
-    client.connect(host, int(port))
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
-
-
-def wait_pipeline_ready(dsn: str, mqtt_url: str, timeout: float = 90) -> None:
-    """Publish probes from an unregistered device until one comes back as a dead letter: then the
-    gateway is subscribed, the worker owns its partitions and the sink writes."""
-    probe = f"probe-{uuid.uuid4().hex[:6]}"
-
-    def probed() -> bool:
-        publish(mqtt_url, [(f"jember/v1/{probe}/telemetry",
-                            orjson.dumps({"ts": int(time.time() * 1000), "values": {"waterLevel": 1}}))])
-        return bool(pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE device_id = %s", [probe]))
-
-    wait_until(probed, timeout, interval=0.5, message="pipeline answers a probe")
+from tests.helpers import pg_fetch, pg_scalar, publish_mqtt, wait_pipeline_ready, wait_until
 
 
 @pytest.fixture
@@ -80,7 +50,7 @@ def test_telemetry_lands_once_with_aggregates_and_bad_input_is_dead_lettered(pip
         (f"jember/v1/{gauge}/telemetry", orjson.dumps({"ts": now.isoformat(), "values": {"waterLevel": 99.0}})),
         (f"jember/v1/unregistered-{suffix}/telemetry", orjson.dumps({"ts": now.isoformat(), "values": {"waterLevel": 1.0}})),
     ]
-    publish(mqtt_url, good + bad)
+    publish_mqtt(mqtt_url, good + bad)
 
     expected = {(gauge, "waterLevel", 1.25), (gauge, "waterLevel", 1.75), (air, "pm25", 40.0), (air, "pm10", 80.0),
                 (air, "pm25", 20.0), (air, "pm10", 60.0)}
@@ -100,10 +70,10 @@ def test_telemetry_lands_once_with_aggregates_and_bad_input_is_dead_lettered(pip
                message="each bad payload is dead-lettered with its reason")
 
     # the same telemetry again (an outside client retrying): nothing changes
-    publish(mqtt_url, good)
+    publish_mqtt(mqtt_url, good)
     marker = (f"jember/v1/{gauge}/telemetry",
               orjson.dumps({"ts": (now + timedelta(seconds=5)).isoformat(), "values": {"waterLevel": 2.0}}))
-    publish(mqtt_url, [marker])  # valid traffic keeps flowing after the bad input
+    publish_mqtt(mqtt_url, [marker])  # valid traffic keeps flowing after the bad input
     wait_until(lambda: (gauge, "waterLevel", 2.0) in readings(), 60, message="traffic after the repeat lands")
     assert pg_scalar(dsn, "SELECT count(*) FROM readings WHERE device_id = ANY(%s)", [[gauge, air]]) == 7
     wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE reason = 'duplicate'") >= 1, 60,
