@@ -132,5 +132,4 @@ def create_app(settings: Settings, prom: CollectorRegistry | None = None) -> fau
 
 def run_worker(settings: Settings) -> None:
     app = create_app(settings)
-    level = "info"
-    faust.Worker(app, loglevel=level, quiet=True).execute_from_commandline()
+    faust.Worker(app, loglevel="info", quiet=True).execute_from_commandline()

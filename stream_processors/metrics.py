@@ -20,6 +20,3 @@ class WorkerMetrics:
         self.restore_seconds = Histogram("arus_worker_restore_seconds", "State restore duration", ["stage"],
                                          registry=registry)
         self.partitions = Gauge("arus_worker_partitions", "Assigned partitions", ["stage"], registry=registry)
-        self.e2e_latency = Histogram("arus_worker_ingest_to_emit_seconds",
-                                     "Gateway receive to worker emit latency", registry=registry,
-                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

@@ -48,7 +48,6 @@ class Partitioner:
     """Kafka's default (murmur2) partitioning, cached per key: keys (devices, windows) repeat a lot."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
         self.cache: dict[tuple[bytes, int], int] = {}
 
     def __call__(self, key: bytes | None, n: int) -> int:

@@ -54,9 +54,6 @@ class TelemetryPartition:
         self.region_of: dict[str, str] = {}  # device -> region code, for the aggregate rows
         self.dirty_devices: set[WindowKey] = set()
         self.dirty_regions: set[WindowKey] = set()
-        self.accepted = 0
-        self.duplicates = 0
-        self.on_reading: Callable[[Reading, Outputs], None] | None = None  # hook for rules (alerts)
         # other event types on the same topic, by exact type or by type prefix ending in "."
         self.handlers: dict[str, EnvelopeHandler] = {}
 
@@ -116,19 +113,15 @@ class TelemetryPartition:
                     W.add_unchecked(rstate, value, t)
                 self.dirty_regions.add(rkey)
         if not fresh:
-            self.duplicates += 1
             self._reject(Rejected(reasons.DUPLICATE, f"reading {reading.id} was already received"),
                          raw, offset, now_ms, out, device)
             return
-        self.accepted += 1
         self.region_of[device] = reading.region
         reading.values = fresh
         out.emit(topics.TELEMETRY, device, {
             "id": reading.id, "device_id": device, "kind": reading.kind, "region": reading.region,
             "time": t, "values": fresh, "received": reading.received,
         })
-        if self.on_reading is not None:
-            self.on_reading(reading, out)
 
     def _handler_for(self, event_type: str) -> EnvelopeHandler | None:
         handler = self.handlers.get(event_type)
