@@ -478,11 +478,30 @@ class Sink:
 
 
 async def _main(settings: Settings, registry: CollectorRegistry) -> None:
-    sink = Sink(settings, SinkMetrics(registry))
+    from .records import RecordSink
+
+    metrics = SinkMetrics(registry)
+    sink = Sink(settings, metrics)
+    records = RecordSink(settings, metrics)  # the low-volume tables, same process and metrics
+
+    def stop() -> None:
+        sink.request_stop()
+        records.request_stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sink.request_stop)
-    await sink.run()
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(sink.run()), asyncio.create_task(records.run())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                stop()
+                raise t.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks)
+    finally:
+        stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_sink(settings: Settings, registry: CollectorRegistry | None = None) -> None:

@@ -1,0 +1,13 @@
+"""The registry of record tables (see consumers.records). Each feature keeps its converters in its own
+module and lists them here."""
+
+from __future__ import annotations
+
+from .records import TableSpec
+
+
+def all_specs() -> list[TableSpec]:
+    specs: list[TableSpec] = []
+    # Features append their specs below (one line each), e.g.:
+    #   from .device_status_rows import SPECS as device_status; specs += device_status
+    return specs
