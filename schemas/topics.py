@@ -8,10 +8,11 @@ AGGREGATES = "aggregates"
 ALERTS = "alerts"
 INDICATORS = "indicators"
 DEVICE_STATUS = "device-status"  # extension: online/offline of devices, keyed by device id
+SERVICE_DAILY = "service-daily"  # extension: per kecamatan per WIB day service counts/durations (full cell state)
 # internal: state checkpoints of the processors and per-partition kecamatan partial aggregates
 WINDOW_STATE = "internal.window-state"
 REGION_PARTIALS = "internal.region-partials"
 REGION_STATE = "internal.region-state"
 
-PUBLIC = [INGEST, TELEMETRY, SERVICE_EVENTS, DLQ, AGGREGATES, ALERTS, INDICATORS, DEVICE_STATUS]
+PUBLIC = [INGEST, TELEMETRY, SERVICE_EVENTS, DLQ, AGGREGATES, ALERTS, INDICATORS, DEVICE_STATUS, SERVICE_DAILY]
 INTERNAL = [WINDOW_STATE, REGION_PARTIALS, REGION_STATE]
