@@ -19,5 +19,10 @@ TOO_LATE = "too_late"
 DUPLICATE = "duplicate"
 TOPIC_MISMATCH = "topic_mismatch"
 PROCESSING_ERROR = "processing_error"
+# agency service events (issue 4)
+INVALID_PMKS_CATEGORY = "invalid_pmks_category"
+INVALID_NIK = "invalid_nik"
+INVALID_STATUS = "invalid_status"
+UNAUTHORIZED = "unauthorized"
 
 ALL = sorted(v for k, v in dict(globals()).items() if k.isupper())
