@@ -57,6 +57,11 @@ PHONE_PATTERN = r"^(\+?[0-9][0-9 ().-]{5,24}|hmac:[0-9a-f]{32})$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/#-]{0,127}$"
 SEALED_PREFIX = "sealed:"
 
+# Event-time policy of service events (agency records are often entered days or months late: a
+# spreadsheet of last year's cases is still valid input). Used by HTTP/CSV ingest and the worker.
+SERVICE_MAX_AGE_MS = 400 * 86_400_000
+SERVICE_MAX_FUTURE_MS = 300_000
+
 # Kemendagri province codes (2023: incl. the new Papua provinces 93..96).
 PROVINCE_CODES = frozenset(
     ["11", "12", "13", "14", "15", "16", "17", "18", "19", "21", "31", "32", "33", "34", "35", "36",
