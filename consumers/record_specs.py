@@ -10,4 +10,5 @@ def all_specs() -> list[TableSpec]:
     specs: list[TableSpec] = []
     # Features append their specs below (one line each), e.g.:
     #   from .device_status_rows import SPECS as device_status; specs += device_status
+    from .device_status_rows import SPECS as device_status; specs += device_status  # noqa: E702, I001
     return specs

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_age_s: int = Field(7 * 24 * 3600, description="older readings are rejected as too_old")
     max_future_s: int = Field(300, description="readings further ahead than this are rejected")
     max_payload_bytes: int = Field(64 * 1024, ge=256)
+    # Device status: silent longer than this factor x its kind's expected interval -> offline
+    device_silence_factor: float = Field(3.0, gt=0)
 
     # Hot path tuning
     batch_max: int = Field(5000, ge=1)

@@ -42,7 +42,9 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
     )
     def _ingest_partition(p: int) -> TelemetryPartition:
         part = TelemetryPartition(p, ingest, size_ms, settings.allowed_lateness_s * 1000, policy, lambda: registry)
-        part.handlers[STATUS_TYPE] = DeviceStatusHandler(p, ingest, lambda: registry)
+        status = DeviceStatusHandler(p, ingest, lambda: registry, settings.device_silence_factor)
+        part.handlers[STATUS_TYPE] = status
+        part.observers.append(status)  # readings make a device online; silence makes it offline
         return part
 
     telemetry = StreamRunner(

@@ -8,6 +8,7 @@ to keep the state across crashes and rebalances.
 from __future__ import annotations
 
 import sys
+import time
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -35,6 +36,14 @@ class EnvelopeHandler(Protocol):
     def restore(self, payload: Mapping[str, Any]) -> None: ...
 
 
+class ReadingObserver(Protocol):
+    """Sees every accepted, in-window, non-duplicate reading (device status, alert rules) and the
+    checkpoint clock. An observer with state also registers in `handlers` (or snapshots it itself)."""
+
+    def on_reading(self, reading: Reading, out: Outputs) -> None: ...
+    def on_flush(self, now_ms: int, out: Outputs) -> None: ...
+
+
 class TelemetryPartition:
     def __init__(
         self, partition: int, source_topic: str, size_ms: int, lateness_ms: int, policy: TimePolicy,
@@ -56,6 +65,7 @@ class TelemetryPartition:
         self.dirty_regions: set[WindowKey] = set()
         # other event types on the same topic, by exact type or by type prefix ending in "."
         self.handlers: dict[str, EnvelopeHandler] = {}
+        self.observers: list[ReadingObserver] = []
 
     # -- hot path -------------------------------------------------------------------------------
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
@@ -85,10 +95,7 @@ class TelemetryPartition:
         start = reading.time - (reading.time % size)
         start = self._starts.setdefault(start, start)  # one int object per window start, shared by keys
         if W.is_closed(start, size, self.lateness_ms, self.watermark):
-            self._reject(Rejected(
-                reasons.TOO_LATE,
-                f"reading for window {start} arrived after the allowed lateness of {self.lateness_ms // 1000}s",
-            ), raw, offset, now_ms, out, reading.device_id)
+            self._late(reading, start, raw, offset, now_ms, out)
             return
         t = reading.time
         if t > self.watermark:
@@ -122,6 +129,24 @@ class TelemetryPartition:
             "id": reading.id, "device_id": device, "kind": reading.kind, "region": reading.region,
             "time": t, "values": fresh, "received": reading.received,
         })
+        for observer in self.observers:
+            observer.on_reading(reading, out)
+
+    def _late(self, reading: Reading, start: int, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        """A reading whose window closed (older than the allowed lateness behind this partition's
+        watermark, but younger than max_age): stored as a raw reading flagged `late`, while its window's
+        aggregate stays as it was; the device is told so with reason too_late. The watermark is per
+        partition, so one device's buffered batch after an outage is late although valid: keep it."""
+        device = reading.device_id
+        out.emit(topics.TELEMETRY, device, {
+            "id": reading.id, "device_id": device, "kind": reading.kind, "region": reading.region,
+            "time": reading.time, "values": reading.values, "received": reading.received, "late": True,
+        })
+        self._reject(Rejected(
+            reasons.TOO_LATE,
+            f"stored as a late reading, but the aggregate of window {start} closed after the allowed "
+            f"lateness of {self.lateness_ms // 1000}s and was not corrected",
+        ), raw, offset, now_ms, out, device)
 
     def _handler_for(self, event_type: str) -> EnvelopeHandler | None:
         handler = self.handlers.get(event_type)
@@ -137,7 +162,7 @@ class TelemetryPartition:
                         device_id if isinstance(device_id, str) else None)
 
     # -- checkpoint -----------------------------------------------------------------------------
-    def flush(self, out: Outputs) -> None:
+    def flush(self, out: Outputs, now_ms: int | None = None) -> None:
         """Emit the full state of every window changed since the last flush; close expired ones."""
         size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark
         devices = self.devices
@@ -156,6 +181,10 @@ class TelemetryPartition:
             self._emit_partial(key, self.regions.pop(key), True, out)
         for handler in self.handlers.values():
             handler.flush(out)
+        if self.observers:
+            now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+            for observer in self.observers:
+                observer.on_flush(now, out)
         self._starts = {s: s for s in self._starts if not W.is_closed(s, size, lateness, wm)}
 
     def _emit_device(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:

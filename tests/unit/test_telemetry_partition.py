@@ -69,6 +69,25 @@ def test_duplicate_and_late_readings_are_dead_lettered_with_reasons():
     assert all(d["offset"] in (1, 3) and d["raw"] for d in dlq)
 
 
+def test_reading_older_than_the_lateness_is_stored_flagged_late_and_answered():
+    p, out = new_partition(lateness_ms=60_000), Outputs()
+    p.process(raw("d0", T0 + 1000, 1.0), 0, NOW, out)
+    p.process(raw("d1", T0 + 1_800_000, 2.0), 1, NOW, out)  # another device moves the partition's watermark
+    p.flush(out)
+    out.clear()
+    # d0 comes back after a 30-minute outage with its buffered readings (one JSON array at the gateway)
+    for i, dt in enumerate((2000, 62_000, 1_790_000)):
+        p.process(raw("d0", T0 + dt, 3.0 + i), 2 + i, NOW, out)
+    tel = records(out, "telemetry")
+    assert [(m["time"] - T0, m.get("late", False)) for m in tel] == [(2000, True), (62_000, True), (1_790_000, False)]
+    assert [d["reason"] for d in records(out, "dlq")] == [reasons.TOO_LATE, reasons.TOO_LATE]
+    assert all("stored" in d["message"] and d["device_id"] == "d0" for d in records(out, "dlq"))
+    p.flush(out)
+    # the closed window's aggregate was not touched; the open one got the in-window reading
+    starts = {a["window_start"] - T0 for a in records(out, "aggregates") if a["key"] == "d0"}
+    assert starts == {1_740_000}
+
+
 def test_late_reading_within_lateness_corrects_its_window():
     p, out = new_partition(), Outputs()
     p.process(raw("d0", T0 + 1000, 1.0), 0, NOW, out)
@@ -111,7 +130,7 @@ def test_crash_and_restore_gives_the_same_result_as_no_crash(seed, crash_at, com
     for i in range(200):
         t += rng.randint(0, 4000)
         dev = f"d{rng.randint(0, 5)}"
-        dt = t - rng.choice([0, 0, 0, 30_000])  # some late readings
+        dt = t - rng.choice([0, 0, 0, 30_000, 300_000])  # some late, some beyond the lateness
         stream.append(raw(dev, dt, round(rng.uniform(0, 5), 2)) if rng.random() > 0.1 else stream[rng.randint(0, max(0, i - 1))] if stream else raw(dev, dt, 1.0))
 
     def run(p, out, start, end, checkpoints):
@@ -181,5 +200,6 @@ def test_status_of_a_registered_device_is_forwarded_and_unknown_is_dead_lettered
     p.process(status("d1", "offline"), 0, NOW, out)
     p.process(status("nobody", "online"), 1, NOW, out)
     p.process(status("d1", "asleep"), 2, NOW, out)
-    assert records(out, "device-status") == [{"device_id": "d1", "status": "offline", "time": T0, "id": "d1/status/1"}]
+    assert records(out, "device-status") == [{"device_id": "d1", "status": "offline", "reason": "status_message",
+                                              "time": T0, "last_seen": None, "id": "d1/status/1"}]
     assert [d["reason"] for d in records(out, "dlq")] == [reasons.UNKNOWN_DEVICE, reasons.INVALID_PAYLOAD]
