@@ -28,10 +28,11 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from infra.db import aconnect
+from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from schemas import topics as topic_names
@@ -263,6 +264,14 @@ class Sink:
     def request_stop(self) -> None:
         self.stopping.set()
 
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready while consuming and the last flush (if any) did not leave the database unreachable."""
+        consumer, conn = self._consumer, self._conn
+        consuming = consumer is not None and not self.stopping.is_set()
+        db_ok = conn is None or not (conn.closed or conn.broken)
+        assigned = sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer.assignment()) if consumer else []
+        return consuming and db_ok, {"consuming": consuming, "database": db_ok, "assigned": assigned}
+
     async def run(self) -> None:
         s = self.settings
         assert s.kafka_bootstrap is not None
@@ -483,6 +492,8 @@ async def _main(settings: Settings, registry: CollectorRegistry) -> None:
     metrics = SinkMetrics(registry)
     sink = Sink(settings, metrics)
     records = RecordSink(settings, metrics)  # the low-volume tables, same process and metrics
+    if settings.sink_metrics_port is not None:
+        serve_health(settings.sink_metrics_port, registry, "sink", sink.readiness)
 
     def stop() -> None:
         sink.request_stop()
@@ -511,8 +522,6 @@ def run_sink(settings: Settings, registry: CollectorRegistry | None = None) -> N
     if settings.database_url is None:
         raise ConfigError("ARUS_DATABASE_URL is not set")
     registry = registry if registry is not None else CollectorRegistry()
-    if settings.sink_metrics_port is not None:
-        start_http_server(settings.sink_metrics_port, registry=registry)
     asyncio.run(_main(settings, registry))
 
 

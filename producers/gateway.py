@@ -35,8 +35,9 @@ import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
+from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from schemas import topics as topic_names
@@ -218,6 +219,7 @@ class Gateway:
         self._wake: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._producer: AIOKafkaProducer | None = None
+        self.mqtt_up = False  # for /readyz (paho's thread sets it)
         self._producer_ready: asyncio.Event | None = None
         self._restart_lock: asyncio.Lock | None = None
         self._last_restart = 0.0
@@ -239,6 +241,7 @@ class Gateway:
         prefix = f"$share/{SHARE_GROUP}/" if self.settings.gateway_shared else ""
         client.subscribe([(prefix + TELEMETRY_FILTER, 1), (prefix + STATUS_FILTER, 1)])
         self.metrics.mqtt_connected.set(1)
+        self.mqtt_up = True
         log.info("MQTT connected to %s:%d (session present: %s)",
                  self.target.host, self.target.port, getattr(flags, "session_present", "?"))
 
@@ -248,6 +251,7 @@ class Gateway:
         with self._lock:
             self._gen += 1
         self.metrics.mqtt_connected.set(0)
+        self.mqtt_up = False
         if not self._stopping:
             self.metrics.mqtt_disconnects.inc()
             log.warning("MQTT connection lost (%s); paho reconnects with backoff", reason)
@@ -501,6 +505,12 @@ class Gateway:
             self._stopping = True
             self._stopped.set()
 
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready while connected to the MQTT broker with a Kafka producer to hand messages to."""
+        mqtt_ok = self.mqtt_up
+        kafka_ok = self._producer is not None
+        return mqtt_ok and kafka_ok, {"mqtt": mqtt_ok, "kafka": kafka_ok}
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -548,6 +558,7 @@ class Gateway:
             client.disconnect()  # queued after the acks, so they reach the broker first
             client.loop_stop()
             self.metrics.mqtt_connected.set(0)
+            self.mqtt_up = False
             for task in list(self._tasks):
                 task.cancel()
             if self._producer is not None:
@@ -563,7 +574,8 @@ def run_gateway(settings: Settings) -> None:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     metrics = GatewayMetrics(registry)
+    gateway = Gateway(settings, metrics)
     if settings.gateway_metrics_port is not None:
-        start_http_server(settings.gateway_metrics_port, registry=registry)
-        log.info("metrics on :%d/metrics", settings.gateway_metrics_port)
-    asyncio.run(Gateway(settings, metrics).run())
+        serve_health(settings.gateway_metrics_port, registry, "gateway", gateway.readiness)
+        log.info("metrics and health on :%d (/metrics, /healthz, /readyz)", settings.gateway_metrics_port)
+    asyncio.run(gateway.run())

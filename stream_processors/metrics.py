@@ -19,4 +19,10 @@ class WorkerMetrics:
                                             registry=registry)
         self.restore_seconds = Histogram("arus_worker_restore_seconds", "State restore duration", ["stage"],
                                          registry=registry)
+        self.event_age = Histogram(
+            "arus_worker_event_age_seconds", "Broker append time to processed (end-to-end lag of the stage)",
+            ["stage"], registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.lag = Gauge("arus_worker_consumer_lag", "Messages behind the partition's high watermark",
+                         ["stage", "partition"], registry=registry)
         self.partitions = Gauge("arus_worker_partitions", "Assigned partitions", ["stage"], registry=registry)

@@ -210,6 +210,16 @@ class StreamRunner(ConsumerRebalanceListener):
                                     msg.value or b"", self.source_topic, tp.partition, msg.offset, now_ms)
                 proc.offset = msg.offset
                 n += 1
+            if messages:
+                last = messages[-1]
+                # broker time -> processed: how far behind the stream this stage runs (one sample per
+                # partition and batch, not per event: the histogram must stay off the hot path)
+                if last.timestamp and last.timestamp > 0:
+                    self.metrics.event_age.labels(self.name).observe(max(0.0, now_ms - last.timestamp) / 1000)
+                assert self.consumer is not None
+                hw = self.consumer.highwater(tp)
+                if hw is not None:
+                    self.metrics.lag.labels(self.name, str(tp.partition)).set(max(0, hw - last.offset - 1))
         self.metrics.events_in.labels(self.name).inc(n)
         self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - started)
 
