@@ -9,9 +9,11 @@ from typing import Any
 
 import faust
 import mode
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
+from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
+from infra.privacy import pii_key_bytes
 from infra.settings import Settings
 from infra.topics import all_topics
 from schemas import topics
@@ -22,6 +24,7 @@ from .metrics import WorkerMetrics
 from .region_merge import RegionMergePartition
 from .registry import DeviceRegistry
 from .runtime import StreamRunner
+from .service_events import ServiceEventHandler
 from .telemetry import TelemetryPartition
 from .validation import TimePolicy
 
@@ -45,6 +48,11 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         status = DeviceStatusHandler(p, ingest, lambda: registry, settings.device_silence_factor)
         part.handlers[STATUS_TYPE] = status
         part.observers.append(status)  # readings make a device online; silence makes it offline
+        # agency service events (jember.welfare., jember.complaint., ...): listeners see each accepted,
+        # pseudonymised event (e.g. SLA alert rules)
+        service_listeners: list[Any] = []
+        ServiceEventHandler(p, ingest, pii_key_bytes(settings.pii_key), settings.max_age_s * 1000,
+                            settings.max_future_s * 1000, listeners=service_listeners).register(part.handlers)
         return part
 
     telemetry = StreamRunner(
@@ -87,8 +95,6 @@ class StreamHost(mode.Service):
     async def on_start(self) -> None:
         settings = self.settings
         metrics = WorkerMetrics(self.prom)
-        if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, registry=self.prom)
         registry = DeviceRegistry(settings.database_dsn() if settings.database_url else None)
         await asyncio.to_thread(registry.refresh)
         assert settings.kafka_bootstrap, "ARUS_KAFKA_BOOTSTRAP is not set"
@@ -97,10 +103,17 @@ class StreamHost(mode.Service):
                                 list(all_topics(settings).values()), settings.partitions)
         self.runners = build_runners(settings, registry, metrics)
         self.tasks = [asyncio.create_task(r.run(), name=r.name) for r in self.runners]
+        if settings.worker_metrics_port:
+            serve_health(settings.worker_metrics_port, self.prom, "worker", self._readiness)
         self.tasks.append(asyncio.create_task(_refresh_loop(registry, self.stop_event)))
         for task in self.tasks:
             task.add_done_callback(self._on_task_done)
         log.info("worker started: %s", ", ".join(r.source_topic for r in self.runners))
+
+    def _readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready once every stage has joined its group and restored its partitions."""
+        stages = {r.name: {"assigned": r.ready.is_set(), "partitions": sorted(r.procs)} for r in self.runners}
+        return bool(stages) and all(s["assigned"] for s in stages.values()), {"stages": stages}
 
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None and not self.stop_event.is_set():
