@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import ssl
@@ -570,7 +569,7 @@ def run_gateway(settings: Settings) -> None:
     """Run the gateway until SIGTERM/SIGINT (blocking)."""
     # paho's thread parses whole socket buffers without releasing the GIL; with the default 5 ms
     # switch interval every hand-over to the asyncio thread costs milliseconds of latency.
-    sys.setswitchinterval(float(os.environ.get("ARUS_GATEWAY_SWITCH_INTERVAL", "0.0005")))
+    sys.setswitchinterval(settings.gateway_switch_interval_s)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     metrics = GatewayMetrics(registry)
