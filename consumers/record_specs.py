@@ -11,4 +11,5 @@ def all_specs() -> list[TableSpec]:
     # Features append their specs below (one line each), e.g.:
     #   from .device_status_rows import SPECS as device_status; specs += device_status
     from .device_status_rows import SPECS as device_status; specs += device_status  # noqa: E702, I001
+    from .service_rows import SPECS as service_rows; specs += service_rows  # noqa: E702, I001
     return specs

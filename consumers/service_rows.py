@@ -1,0 +1,116 @@
+"""Service events -> service_events, service_entities; daily cells -> service_daily (record sink specs).
+
+- `service-events`: one row per event, INSERT ... ON CONFLICT DO NOTHING. Two unique keys make it land
+  once: the primary key (time, source, event_id) for a redelivery, and the natural index
+  (type, entity_id, status, time) for the same lifecycle step pushed over HTTP, CSV and Kafka under
+  different CloudEvents ids. The same message upserts the entity: status, region and updated_at move
+  only forward in event time (an out-of-order older event does not roll them back), opened_at is the
+  earliest known opening, durations are merged (jsonb ||).
+- `service-daily`: the full state of a (WIB day, kecamatan, type, measure) cell replaces the row.
+Personal fields in `data` are already keyed hashes (the worker pseudonymised them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+
+from schemas import topics
+
+from .records import BadRecord, TableSpec, Write
+
+INSERT_EVENT = (
+    "INSERT INTO service_events (time, source, event_id, type, entity_id, status, region_code, kecamatan,"
+    " agency, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING"
+)
+UPSERT_ENTITY = (
+    "INSERT INTO service_entities AS e (type, entity_id, status, region_code, kecamatan, category, opened_at,"
+    " updated_at, durations) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+    " ON CONFLICT (type, entity_id) DO UPDATE SET"
+    " status = CASE WHEN EXCLUDED.updated_at >= e.updated_at THEN EXCLUDED.status ELSE e.status END,"
+    " region_code = CASE WHEN EXCLUDED.updated_at >= e.updated_at THEN EXCLUDED.region_code ELSE e.region_code END,"
+    " kecamatan = CASE WHEN EXCLUDED.updated_at >= e.updated_at THEN EXCLUDED.kecamatan ELSE e.kecamatan END,"
+    " category = COALESCE(e.category, EXCLUDED.category),"
+    " opened_at = LEAST(e.opened_at, EXCLUDED.opened_at),"
+    " updated_at = GREATEST(e.updated_at, EXCLUDED.updated_at),"
+    " durations = e.durations || EXCLUDED.durations"
+)
+UPSERT_DAILY = (
+    "INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())"
+    " ON CONFLICT (day, kecamatan, type, measure) DO UPDATE SET count = EXCLUDED.count, sum = EXCLUDED.sum,"
+    " min = EXCLUDED.min, max = EXCLUDED.max, updated_at = now()"
+)
+
+
+def _str(msg: Mapping[str, Any], name: str, optional: bool = False) -> str | None:
+    value = msg.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRecord(f"`{name}` must be a non-empty string")
+    return value
+
+
+def _time(value: Any, name: str, optional: bool = False) -> datetime | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRecord(f"`{name}` must be epoch milliseconds")
+    return datetime.fromtimestamp(value / 1000.0, UTC)
+
+
+def _num(value: Any, name: str, optional: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRecord(f"`{name}` must be a number")
+    return float(value)
+
+
+def service_event_writes(msg: dict[str, Any]) -> list[Write]:
+    t = _time(msg.get("time"), "time")
+    type_, entity = _str(msg, "type"), str(msg.get("entity_id") or "")
+    if not entity:
+        raise BadRecord("`entity_id` is missing")
+    status = _str(msg, "status", optional=True)
+    region, kec = _str(msg, "region"), _str(msg, "kecamatan", optional=True)
+    data = msg.get("data")
+    if data is None:
+        data = {}
+    durations = msg.get("durations") or {}
+    if not isinstance(durations, dict) or not all(isinstance(v, int | float) for v in durations.values()):
+        raise BadRecord("`durations` must map names to seconds")
+    writes: list[Write] = [(INSERT_EVENT, (
+        t, _str(msg, "source"), _str(msg, "id"), type_, entity, status, region, kec,
+        _str(msg, "agency", optional=True), orjson.dumps(data).decode(),
+    ))]
+    if status is not None:
+        writes.append((UPSERT_ENTITY, (
+            type_, entity, status, region, kec, _str(msg, "category", optional=True),
+            _time(msg.get("opened_at"), "opened_at", optional=True), t, orjson.dumps(durations).decode(),
+        )))
+    return writes
+
+
+def service_daily_writes(msg: dict[str, Any]) -> list[Write]:
+    try:
+        day = date.fromisoformat(str(msg.get("day")))
+    except ValueError as exc:
+        raise BadRecord(f"`day` must be YYYY-MM-DD: {exc}") from exc
+    count = msg.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise BadRecord("`count` must be a non-negative integer")
+    return [(UPSERT_DAILY, (
+        day, _str(msg, "kecamatan"), _str(msg, "type"), _str(msg, "measure"), count,
+        _num(msg.get("sum", 0.0), "sum", optional=False), _num(msg.get("min"), "min"), _num(msg.get("max"), "max"),
+    ))]
+
+
+SPECS: list[TableSpec] = [
+    TableSpec(topics.SERVICE_EVENTS, service_event_writes, name="service_events"),
+    TableSpec(topics.SERVICE_DAILY, service_daily_writes, name="service_daily"),
+]

@@ -1,0 +1,358 @@
+"""Agency service events on jember.ingest: validate, pseudonymise, de-duplicate, track lifecycles,
+aggregate per kecamatan per WIB day.
+
+One `ServiceEventHandler` per ingest partition, plugged into `TelemetryPartition.handlers` for the type
+prefixes of the service families (`register`). For each envelope:
+
+1. validate (schemas.service_events.validate_service_event against the Kemendagri regions). A refused
+   event goes to the dead-letter topic with its raw payload SEALED (infra.privacy.seal, key
+   Settings.pii_key): the dead letter's raw is `{"sealed": <token>, "type", "id", "source", "key"}`, so
+   `arus dlq replay` can unseal it and re-inject the original bytes, and nothing personal is in clear on
+   the dlq topic or in dead_letters. Words of the reject message that repeat a personal value are masked.
+2. pseudonymise `data` (NIK, names, phone numbers -> keyed hash) unless the producer (HTTP / CSV ingest)
+   did it already: agencies producing straight to Kafka send them in clear, this is the first processor.
+3. de-duplicate: by (source, id), and by the natural key (type, entity, status, event time) so the same
+   event sent over two channels (HTTP and Kafka, different CloudEvents ids) is counted once.
+4. lifecycle: per (type, entity) the earliest event time of each status seen. A duration
+   (from_status -> to_status, schemas.service_events.LIFECYCLES) is computed once, as soon as both ends
+   are known, whichever arrives first (resolved before opened works); it is never negative: when the
+   closing time precedes the opening time no duration is produced; an unknown start gives none.
+5. emit the cleaned event to `service-events` keyed by entity id (with all durations known so far for
+   the entity and the entity's opening time), then call the listeners (SLA alerts).
+6. daily cells: per (WIB day, kecamatan, type, measure) count/sum/min/max, measure `status:<s>` for each
+   event and `<duration name>` for each duration (in the day/kecamatan of the closing event). Cells
+   changed since the last flush are emitted with their full state to `service-daily` (idempotent upserts).
+   Events of a kabupaten-level region count under the kabupaten code `35.09`.
+
+Partitioning: the lifecycle of an entity is tracked by the partition that receives its events, so every
+producer keys ingest records by entity id (case_id, complaint_id, ...). `entity_key` gives that key.
+
+State is JSON-serialisable, checkpointed with the partition (full snapshot or deltas with deletions) and
+bounded by event time (the partition's service watermark):
+- (source, id) and natural keys: kept for `dedupe_retention_ms` = max_age + max_future + 1 day, longer than
+  any event can still be accepted (older ones are refused as too_old), so de-duplication stays exact;
+- daily cells: dropped when their day ended more than that retention ago (no accepted event can touch
+  them again, so a dropped cell is never recreated with a partial count);
+- entities: a closed entity (last status of its lifecycle) is dropped `closed_retention_ms` (30 days)
+  after its last event; any entity idle for `idle_retention_ms` (400 days) is dropped too. An event
+  for a dropped entity starts a fresh entity (no duration across the gap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from infra import privacy
+from schemas import reasons, topics
+from schemas import service_events as se
+from schemas.regions import KABUPATEN_CODE, load_regions
+from schemas.results import Rejected
+
+from .outputs import Outputs
+
+log = logging.getLogger("arus.worker.services")
+
+DAY_MS = 86_400_000
+WIB_OFFSET_MS = 7 * 3_600_000  # Asia/Jakarta, no daylight saving
+
+CLOSED_RETENTION_MS = 30 * DAY_MS
+IDLE_RETENTION_MS = 400 * DAY_MS
+
+Listener = Callable[[Any, Outputs], None]  # (ServiceEvent, Outputs)
+
+
+def wib_day(time_ms: int) -> str:
+    """The Asia/Jakarta calendar day (YYYY-MM-DD) of an epoch-ms instant."""
+    day = (time_ms + WIB_OFFSET_MS) // DAY_MS
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%d")
+
+
+def wib_day_end_ms(day: str) -> int:
+    start = int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp() * 1000) - WIB_OFFSET_MS
+    return start + DAY_MS
+
+
+def family_prefixes(types: Iterable[str]) -> list[str]:
+    """`jember.complaint.v1` -> `jember.complaint.`, `jember.welfare.case.v1` -> `jember.welfare.`."""
+    out: list[str] = []
+    for t in types:
+        parts = t.split(".")
+        prefix = ".".join(parts[:2]) + "." if len(parts) >= 3 else t
+        if prefix not in out:
+            out.append(prefix)
+    return out
+
+
+def entity_key(env: Mapping[str, Any]) -> str | None:
+    """The Kafka key producers use for a service envelope: its entity id (same entity, same partition)."""
+    lc = se.LIFECYCLES.get(env.get("type"))  # type: ignore[arg-type]
+    data = env.get("data")
+    if lc is not None and isinstance(data, Mapping):
+        value = data.get(lc.entity_field)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value)
+    subject = env.get("subject")
+    return subject if isinstance(subject, str) and subject else None
+
+
+def _personal_values(data: Any, depth: int = 0) -> set[str]:
+    """String forms of the values under personal keys (to mask them in reject messages)."""
+    found: set[str] = set()
+    if depth > 4:
+        return found
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            if privacy.is_personal_key(k) and isinstance(v, str | int) and str(v).strip():
+                found.add(str(v))
+            elif isinstance(v, Mapping | list):
+                found |= _personal_values(v, depth + 1)
+    elif isinstance(data, list):
+        for v in data[:100]:
+            found |= _personal_values(v, depth + 1)
+    return found
+
+
+_DIGITS = re.compile(r"\d{8,}")
+
+
+def scrub(message: str, data: Any) -> str:
+    """A reject message with personal values (and any long digit run, e.g. a malformed NIK) masked."""
+    for value in sorted(_personal_values(data), key=len, reverse=True):
+        if len(value) >= 3:
+            message = message.replace(value, "***")
+    return _DIGITS.sub("***", message)
+
+
+class _Alias:
+    """The same handler under another type prefix: handles, but owns no state (flush/snapshot no-ops), so
+    the partition's checkpoint holds the handler's state once."""
+
+    def __init__(self, target: ServiceEventHandler) -> None:
+        self.target = target
+
+    def handle(self, env: dict[str, Any], raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        self.target.handle(env, raw, offset, now_ms, out)
+
+    def flush(self, out: Outputs) -> None:
+        return None
+
+    def snapshot(self, full: bool) -> dict[str, Any]:
+        return {}
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        return None
+
+
+class ServiceEventHandler:
+    def __init__(
+        self, partition: int, source_topic: str, pii_key: bytes, max_age_ms: int, max_future_ms: int,
+        listeners: list[Listener] | None = None, *, closed_retention_ms: int = CLOSED_RETENTION_MS,
+        idle_retention_ms: int = IDLE_RETENTION_MS,
+    ) -> None:
+        self.partition = partition
+        self.source_topic = source_topic
+        self.pii_key = pii_key
+        self.max_age_ms = max_age_ms
+        self.max_future_ms = max_future_ms
+        self.listeners: list[Listener] = list(listeners or [])
+        self.dedupe_retention_ms = max_age_ms + max_future_ms + DAY_MS
+        self.closed_retention_ms = max(closed_retention_ms, self.dedupe_retention_ms)
+        self.idle_retention_ms = max(idle_retention_ms, self.closed_retention_ms)
+        self.regions = load_regions()
+        self.watermark = 0  # highest event time accepted on this partition
+        # "source|id" -> event time ms
+        self.seen: dict[str, int] = {}
+        # "type|entity" -> {"s": status, "u": last event ms, "r": region, "k": kecamatan, "c": category,
+        #                   "ts": {status: earliest ms}, "ev": ["status@ms", ...], "d": {duration: s}}
+        self.entities: dict[str, dict[str, Any]] = {}
+        # "day|kecamatan|type|measure" -> [count, sum, min, max]
+        self.cells: dict[str, list[float | None]] = {}
+        self._emit_cells: set[str] = set()
+        self._dirty: dict[str, set[str]] = {"seen": set(), "entities": set(), "cells": set()}
+        self._deleted: dict[str, set[str]] = {"seen": set(), "entities": set(), "cells": set()}
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, handlers: MutableMapping[str, Any], types: Iterable[str] | None = None) -> None:
+        """Plug this handler into a partition's handlers for each service family prefix."""
+        prefixes = family_prefixes(types if types is not None else se.SERVICE_TYPES)
+        for i, prefix in enumerate(prefixes):
+            handlers[prefix] = self if i == 0 else _Alias(self)
+
+    # -- hot path -------------------------------------------------------------------------------
+    def handle(self, env: dict[str, Any], raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
+        result = se.validate_service_event(env, self.regions, now_ms, self.max_age_ms, self.max_future_ms)
+        if isinstance(result, Rejected):
+            self._reject(result, env, raw, offset, now_ms, out)
+            return
+        ev = result.value
+        if not privacy.is_pseudonymised(ev.data):
+            ev = dataclasses.replace(ev, data=privacy.pseudonymise(ev.data, self.pii_key))
+        sid = f"{ev.source}|{ev.id}"
+        if sid in self.seen:
+            self._duplicate(ev, f"event {ev.id!r} from {ev.source!r} was already received", env, raw, offset,
+                            now_ms, out)
+            return
+        t = int(ev.time_ms)
+        ekey = f"{ev.type}|{ev.entity_id}"
+        entity = self.entities.get(ekey)
+        mark = f"{ev.status}@{t}"
+        if entity is not None and mark in entity["ev"]:
+            # the same lifecycle step through another channel (HTTP + Kafka): one event
+            self._mark_seen(sid, t)
+            self._duplicate(ev, f"{ev.type} {ev.entity_id} {ev.status} at {t} was already received "
+                                f"(another channel)", env, raw, offset, now_ms, out)
+            return
+        self._mark_seen(sid, t)
+        if t > self.watermark:
+            self.watermark = t
+        kec = ev.kecamatan or (ev.region if ev.region == KABUPATEN_CODE else None) or KABUPATEN_CODE
+        if entity is None:
+            entity = {"s": ev.status, "u": t, "r": ev.region, "k": kec, "c": ev.category, "ts": {}, "ev": [],
+                      "d": {}}
+            self.entities[ekey] = entity
+        self._deleted["entities"].discard(ekey)
+        self._dirty["entities"].add(ekey)
+        entity["ev"].append(mark)
+        if t >= entity["u"]:
+            entity["s"], entity["u"], entity["r"], entity["k"] = ev.status, t, ev.region, kec
+        if ev.category and not entity.get("c"):
+            entity["c"] = ev.category
+        ts: dict[str, int] = entity["ts"]
+        if ev.status is not None and (ev.status not in ts or t < ts[ev.status]):
+            ts[ev.status] = t
+        self._count(wib_day(t), kec, ev.type, f"status:{ev.status}" if ev.status else "events", None)
+        # durations completed by this event (either end may arrive first)
+        lifecycle = se.LIFECYCLES.get(ev.type)
+        if lifecycle is not None:
+            for name, start, end in lifecycle.durations:
+                if name in entity["d"] or start not in ts or end not in ts:
+                    continue
+                if ev.status not in (start, end):
+                    continue
+                seconds = (ts[end] - ts[start]) / 1000.0
+                if seconds < 0:
+                    continue  # closing before opening in event time: no duration, never negative
+                entity["d"][name] = seconds
+                end_kec = kec if ev.status == end else entity["k"]
+                self._count(wib_day(ts[end]), end_kec, ev.type, name, seconds)
+        opened = ts.get(lifecycle.statuses[0]) if lifecycle is not None and lifecycle.statuses else None
+        out.emit(topics.SERVICE_EVENTS, str(ev.entity_id), {
+            "id": ev.id, "source": ev.source, "type": ev.type, "time": t, "region": ev.region,
+            "kecamatan": ev.kecamatan, "entity_id": ev.entity_id, "status": ev.status, "category": ev.category,
+            "agency": ev.agency, "durations": dict(entity["d"]), "opened_at": opened, "data": ev.data,
+        })
+        for listener in self.listeners:
+            try:
+                listener(ev, out)
+            except Exception:  # a listener's bug must not stop the stream; no event data in the log
+                log.exception("service-event listener %r failed on %s %s", listener, ev.type, ev.id)
+
+    def _mark_seen(self, sid: str, t: int) -> None:
+        self.seen[sid] = t
+        self._dirty["seen"].add(sid)
+        self._deleted["seen"].discard(sid)
+
+    def _count(self, day: str, kec: str, type_: str, measure: str, value: float | None) -> None:
+        key = f"{day}|{kec}|{type_}|{measure}"
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = [0, 0.0, None, None]
+        cell[0] = int(cell[0] or 0) + 1
+        if value is not None:
+            cell[1] = float(cell[1] or 0.0) + value
+            cell[2] = value if cell[2] is None else min(float(cell[2]), value)
+            cell[3] = value if cell[3] is None else max(float(cell[3]), value)
+        self._emit_cells.add(key)
+        self._dirty["cells"].add(key)
+        self._deleted["cells"].discard(key)
+
+    def _duplicate(self, ev: Any, message: str, env: dict[str, Any], raw: bytes, offset: int, now_ms: int,
+                   out: Outputs) -> None:
+        self._reject(Rejected(reasons.DUPLICATE, message), env, raw, offset, now_ms, out)
+
+    def _reject(self, rejected: Rejected, env: dict[str, Any], raw: bytes, offset: int, now_ms: int,
+                out: Outputs) -> None:
+        """Dead-letter with the raw payload sealed (encrypted): it may hold personal data in clear."""
+        data = env.get("data")
+        wrapper = {
+            "sealed": privacy.seal(raw, self.pii_key),
+            "type": env.get("type") if isinstance(env.get("type"), str) else None,
+            "id": env.get("id") if isinstance(env.get("id"), str) else None,
+            "source": env.get("source") if isinstance(env.get("source"), str) else None,
+            "key": entity_key(env),
+        }
+        safe = Rejected(rejected.reason, scrub(rejected.message, data), None, rejected.position)
+        out.dead_letter(safe, orjson.dumps(wrapper), self.source_topic, self.partition, offset, now_ms)
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def flush(self, out: Outputs) -> None:
+        """Emit the full state of each daily cell changed since the last flush; drop expired state."""
+        for key in sorted(self._emit_cells):
+            cell = self.cells.get(key)
+            if cell is None:
+                continue
+            day, kec, type_, measure = key.split("|", 3)
+            out.emit(topics.SERVICE_DAILY, key, {
+                "day": day, "kecamatan": kec, "type": type_, "measure": measure, "count": int(cell[0] or 0),
+                "sum": float(cell[1] or 0.0), "min": cell[2], "max": cell[3],
+            })
+        self._emit_cells = set()
+        self.expire()
+
+    def expire(self) -> None:
+        wm = self.watermark
+        horizon = wm - self.dedupe_retention_ms
+        for sid in [s for s, t in self.seen.items() if t < horizon]:
+            self._drop("seen", self.seen, sid)
+        for key in [k for k in self.cells if wib_day_end_ms(k.split("|", 1)[0]) < horizon]:
+            self._drop("cells", self.cells, key)
+        for key, ent in list(self.entities.items()):
+            lifecycle = se.LIFECYCLES.get(key.split("|", 1)[0])
+            closed = lifecycle is None or (bool(lifecycle.statuses) and ent["s"] == lifecycle.statuses[-1])
+            idle = wm - int(ent["u"])
+            if idle > self.idle_retention_ms or (closed and idle > self.closed_retention_ms):
+                self._drop("entities", self.entities, key)
+
+    def _drop(self, kind: str, table: dict[str, Any], key: str) -> None:
+        del table[key]
+        self._dirty[kind].discard(key)
+        self._deleted[kind].add(key)
+        if kind == "cells":
+            self._emit_cells.discard(key)
+
+    def snapshot(self, full: bool) -> dict[str, Any]:
+        tables: dict[str, dict[str, Any]] = {"seen": self.seen, "entities": self.entities, "cells": self.cells}
+        payload: dict[str, Any] = {"wm": self.watermark}
+        for kind, table in tables.items():
+            keys = table.keys() if full else self._dirty[kind]
+            payload[kind] = {k: table[k] for k in keys if k in table}
+            if not full:
+                payload[f"{kind}-"] = sorted(self._deleted[kind])
+        self._dirty = {k: set() for k in tables}
+        self._deleted = {k: set() for k in tables}
+        return payload
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        tables: dict[str, dict[str, Any]] = {"seen": self.seen, "entities": self.entities, "cells": self.cells}
+        for kind, table in tables.items():
+            if payload.get("full"):
+                table.clear()
+            for key in payload.get(f"{kind}-", ()):
+                table.pop(key, None)
+            for key, value in (payload.get(kind) or {}).items():
+                table[key] = value
+        self.watermark = max(self.watermark, int(payload.get("wm", 0))) if not payload.get("full") \
+            else int(payload.get("wm", 0))
+        self._emit_cells = set()
+
+    def state(self) -> dict[str, Any]:
+        """The whole state (tests compare it across snapshot/restore)."""
+        return {"wm": self.watermark, "seen": dict(self.seen), "entities": orjson.loads(orjson.dumps(self.entities)),
+                "cells": orjson.loads(orjson.dumps(self.cells))}
