@@ -3,6 +3,8 @@
     arus bench [--out FILE] [--only STAGE[,STAGE]] [--quick] [--rate N] [--seconds S]
                [--profile DIR] [--keep]
 
+    arus bench soak [--minutes N] [--soak-rate R]   (opt-in: RSS per process over time, lag, dead letters)
+
 Stages: transport, gateway, worker, sink, e2e, latency, window_state (all by default). Services are
 embedded (Tansu, PostgreSQL, mosquitto in a temporary directory) unless ARUS_KAFKA_BOOTSTRAP,
 ARUS_DATABASE_URL, ARUS_MQTT_URL are set. Each system under test and each load generator is its
@@ -28,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from bench.stack import machine_info
-from bench.stages import STAGE_KEYS, STAGES, Context, Sizes, StageError
+from bench.stages import OPT_IN, STAGE_KEYS, STAGES, Context, Sizes, StageError
 from bench.stats import build_document, format_table
 
 SERVICE_FREE = {"window_state"}  # stages that need no Kafka/PostgreSQL/MQTT
@@ -54,12 +56,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--transport-n", type=int, help="messages of the transport stage (default 300000)")
     p.add_argument("--gateway-n", type=int, help="MQTT messages of the gateway stage (default 100000)")
     p.add_argument("--window-keys", type=int, help="active window keys of the memory stage (default 200000)")
+    p.add_argument("--minutes", type=float, dest="soak_minutes", help="soak duration (default 10; `arus bench soak`)")
+    p.add_argument("--soak-rate", type=float, help="soak publish rate, messages/s (default 2000)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="attach py-spy to the worker and the sink while they run; collapsed stacks and a "
                         "summary go to DIR (the profiler costs some CPU: take figures from a run without it)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     args = p.parse_args(argv)
-    chosen = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(STAGES)
+    chosen = ([s.strip() for s in args.only.split(",") if s.strip()] if args.only
+              else [s for s in STAGES if s not in OPT_IN])
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         p.error(f"unknown stage(s) {', '.join(unknown)}; choose among {', '.join(STAGES)}")
@@ -73,7 +78,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
                        ("latency_seconds", "latency_seconds"), ("publishers", "publishers"),
                        ("devices", "devices"), ("worker_n", "worker_n"), ("sink_n", "sink_n"),
                        ("transport_n", "transport_n"), ("gateway_n", "gateway_n"),
-                       ("window_keys", "window_keys"), ("publisher", "publisher")]:
+                       ("window_keys", "window_keys"), ("publisher", "publisher"),
+                       ("soak_minutes", "soak_minutes"), ("soak_rate", "soak_rate")]:
         value = getattr(args, attr)
         if value is not None:
             setattr(sizes, name, type(getattr(sizes, name))(value))
@@ -92,6 +98,8 @@ def main(argv: list[str]) -> int:
     argv = list(argv)
     if argv[:1] == ["--"]:  # `arus bench -- --quick` (the CLI passes the rest through as is)
         argv = argv[1:]
+    if argv[:1] == ["soak"]:  # `arus bench soak --minutes N`
+        argv = ["--only", "soak", *argv[1:]]
     args = parse_args(argv)
     logging.getLogger("infra").setLevel(logging.WARNING)  # topic creation and migrations are not news here
     sizes = sizes_from(args)

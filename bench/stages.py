@@ -48,12 +48,14 @@ class Sizes:
     window_keys: int = 200_000
     warmup_s: float = 3.0
     publisher: str = "raw"  # raw (a minimal MQTT client, ~7 us/message) or paho (~70 us/message)
+    soak_minutes: float = 10.0
+    soak_rate: float = 2_000.0
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(devices=400, transport_n=20_000, gateway_n=5_000, worker_n=20_000, sink_n=20_000,
                    rate=1_000.0, seconds=5.0, latency_rate=200.0, latency_seconds=5.0, publishers=1,
-                   window_keys=10_000, warmup_s=1.0)
+                   window_keys=10_000, warmup_s=1.0, soak_minutes=1.0, soak_rate=500.0)
 
 
 @dataclass
@@ -629,7 +631,12 @@ def _pipeline(ctx: Context, stage: str, rate: float, seconds: float, publishers:
                     last_tl = now
                     hw = watch.highwater(names["ingest"], names["telemetry"])
                     cpu = {p.name: p.cpu_seconds() - cpu0[p.name] for p in sut}
+                    sink_page, wk_page = scrape(sink_port), scrape(wk_port)
                     point = {"t": round(now - t_start, 2), "published": published,
+                             **{f"{p.name}_rss_mb": round((p.rss_bytes() or 0) / 2**20, 1) for p in sut},
+                             "sink_lag": int(metric_sum(sink_page, "arus_sink_consumer_lag")),
+                             "worker_lag": int(metric_sum(wk_page, "arus_worker_consumer_lag")),
+                             "worker_rejected": int(metric_sum(wk_page, "arus_worker_rejected_total")),
                              "ingest": hw[names["ingest"]] - base_hw[names["ingest"]],
                              "telemetry": hw[names["telemetry"]] - base_hw[names["telemetry"]],
                              "rows": int(rows), "machine_cpu_pct": psutil.cpu_percent(interval=None),
@@ -711,6 +718,66 @@ def _pipeline(ctx: Context, stage: str, rate: float, seconds: float, publishers:
     }
 
 
+def metric_sum(page: dict[str, float], name: str) -> float:
+    """Sum of every labelled sample of one metric in a scraped page."""
+    return sum(v for k, v in page.items() if k == name or k.startswith(name + "{"))
+
+
+def _slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per minute."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    var = sum((t - mx) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    return sum((t - mx) * (v - my) for t, v in points) / var * 60
+
+
+def soak_summary(timeline: list[dict[str, Any]], names: list[str], warmup_fraction: float = 0.25) -> dict[str, Any]:
+    """RSS per process after warm-up: first and last, growth and slope. Flat means the last value is
+    within 10% (or 10 MB) of the post-warm-up one and the slope of the second half is under 1 MB/min."""
+    if not timeline:
+        return {}
+    t_end = timeline[-1]["t"]
+    warm = [p for p in timeline if p["t"] >= t_end * warmup_fraction]
+    half = [p for p in timeline if p["t"] >= t_end / 2]
+    out: dict[str, Any] = {}
+    for name in names:
+        key = f"{name}_rss_mb"
+        series = [(p["t"], p[key]) for p in warm if key in p]
+        if not series:
+            continue
+        first, last = series[0][1], series[-1][1]
+        slope = _slope_per_minute([(p["t"], p[key]) for p in half if key in p])
+        growth = last - first
+        out[name] = {"rss_after_warmup_mb": first, "rss_end_mb": last, "growth_mb": round(growth, 1),
+                     "second_half_slope_mb_per_min": round(slope, 2) if slope is not None else None,
+                     "flat": (growth <= max(10.0, 0.1 * first)) and (slope is None or slope < 1.0)}
+    return out
+
+
+def soak(ctx: Context) -> tuple[Figures, Details]:
+    s = ctx.sizes
+    d = _pipeline(ctx, "soak", s.soak_rate, s.soak_minutes * 60, 1)
+    summary = soak_summary(d["timeline"], ["gateway", "worker", "sink"])
+    d["rss"] = summary
+    d["max_sink_lag"] = max((p.get("sink_lag", 0) for p in d["timeline"]), default=0)
+    d["max_worker_lag"] = max((p.get("worker_lag", 0) for p in d["timeline"]), default=0)
+    d["how"] = ("every service running, QoS 1 publisher at a steady rate for the given minutes; RSS of each "
+                "process, consumer lag and dead letters sampled every second; RSS must be flat after the "
+                "first quarter (growth <= max(10 MB, 10%) and second-half slope < 1 MB/min)")
+    flat = bool(summary) and all(v["flat"] for v in summary.values())
+    lossless = d["lost_events"] == 0 and d["lost_rows"] == 0
+    figures = {"soak_rss_flat": flat, "soak_lost_events": d["lost_events"],
+               "soak_rss_growth_mb_max": max((v["growth_mb"] for v in summary.values()), default=None)}
+    if not (flat and lossless):
+        d["error"] = f"rss flat: {flat}, lost events: {d['lost_events']}"
+    return figures, d
+
+
 def e2e(ctx: Context) -> tuple[Figures, Details]:
     s = ctx.sizes
     d = _pipeline(ctx, "e2e", s.rate, s.seconds, s.publishers)
@@ -767,7 +834,9 @@ STAGES: dict[str, Callable[[Context], tuple[Figures, Details]]] = {
     "e2e": e2e,
     "latency": latency,
     "window_state": window_state,
+    "soak": soak,
 }
+OPT_IN = {"soak"}  # not part of a plain `arus bench`: `arus bench soak --minutes N`
 # The figures each stage is responsible for (null when the stage fails).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "transport": ("transport_eps", "transport_produce_eps"),
@@ -777,4 +846,5 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "e2e": ("e2e_eps",),
     "latency": ("publish_to_row_p50_ms", "publish_to_row_p99_ms", "alert_latency_p99_ms"),
     "window_state": ("window_state_bytes_per_key",),
+    "soak": ("soak_rss_flat", "soak_lost_events", "soak_rss_growth_mb_max"),
 }

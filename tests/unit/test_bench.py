@@ -219,3 +219,22 @@ def test_profile_summary() -> None:
     out = render(s, top=5)
     assert "75.0%  loads (<built-in>)" in out
     assert frame_name("f (/x/site-packages/aiokafka/conn.py:12)") == "f (aiokafka/conn.py)"
+
+
+def test_soak_summary_tells_flat_from_growing_memory() -> None:
+    from bench.stages import soak_summary
+
+    timeline = [{"t": float(t), "worker_rss_mb": 100.0 + (t % 3) * 0.5, "sink_rss_mb": 100.0 + t * 0.5}
+                for t in range(0, 600, 5)]
+    summary = soak_summary(timeline, ["worker", "sink"])
+    assert summary["worker"]["flat"] is True
+    assert summary["sink"]["flat"] is False  # 30 MB/min of growth
+    assert abs(summary["sink"]["second_half_slope_mb_per_min"] - 30.0) < 0.01
+
+
+def test_soak_is_opt_in_and_has_its_own_command() -> None:
+    from bench.run import parse_args
+
+    assert "soak" not in parse_args([]).stages
+    args = parse_args(["--only", "soak", "--minutes", "2"])
+    assert args.stages == ["soak"] and sizes_from(args).soak_minutes == 2.0
