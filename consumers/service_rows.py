@@ -7,6 +7,11 @@
   only forward in event time (an out-of-order older event does not roll them back), opened_at is the
   earliest known opening, durations are merged (jsonb ||).
 - `service-daily`: the full state of a (WIB day, kecamatan, type, measure) cell replaces the row.
+- backfill: an event older than the worker's horizon (its day's cell is no longer in the stream state)
+  carries `"recount": [[day, kecamatan], ...]`; after inserting its row, the cells of those days are
+  recomputed from service_events (status counts; durations from each entity's earliest opening and
+  closing events, counted on the day and kecamatan of the closing one), under a transaction-scoped
+  advisory lock per cell so concurrent sinks do not miss each other's rows.
 Personal fields in `data` are already keyed hashes (the worker pseudonymised them).
 """
 
@@ -19,6 +24,8 @@ from typing import Any
 import orjson
 
 from schemas import topics
+from schemas.regions import KABUPATEN_CODE
+from schemas.service_events import LIFECYCLES
 
 from .records import BadRecord, TableSpec, Write
 
@@ -44,6 +51,54 @@ UPSERT_DAILY = (
     " ON CONFLICT (day, kecamatan, type, measure) DO UPDATE SET count = EXCLUDED.count, sum = EXCLUDED.sum,"
     " min = EXCLUDED.min, max = EXCLUDED.max, updated_at = now()"
 )
+
+
+# one parameter block: the cell, its WIB day as a UTC range
+_CELL = (
+    "WITH p AS (SELECT %s::date AS day, %s::text AS kec, %s::text AS type,"
+    " (%s::date)::timestamp AT TIME ZONE 'Asia/Jakarta' AS lo,"
+    " (%s::date + 1)::timestamp AT TIME ZONE 'Asia/Jakarta' AS hi)"
+)
+_UPSERT_TAIL = (
+    " ON CONFLICT (day, kecamatan, type, measure) DO UPDATE SET count = EXCLUDED.count, sum = EXCLUDED.sum,"
+    " min = EXCLUDED.min, max = EXCLUDED.max, updated_at = now()"
+)
+LOCK_CELL = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+RECOUNT_STATUS = (
+    _CELL + " INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
+    " SELECT p.day, p.kec, p.type, COALESCE('status:' || e.status, 'events'), count(*), 0, NULL, NULL, now()"
+    " FROM p JOIN service_events e ON e.type = p.type AND COALESCE(e.kecamatan, %s) = p.kec"
+    " AND e.time >= p.lo AND e.time < p.hi"
+    " GROUP BY p.day, p.kec, p.type, e.status" + _UPSERT_TAIL
+)
+RECOUNT_DURATION = (
+    _CELL + ", ends AS (SELECT e.entity_id, min(e.time) AS t_end FROM p JOIN service_events e"
+    " ON e.type = p.type AND e.status = %s AND COALESCE(e.kecamatan, %s) = p.kec"
+    " AND e.time >= p.lo AND e.time < p.hi GROUP BY e.entity_id),"
+    " pairs AS (SELECT ends.t_end,"
+    " (SELECT min(x.time) FROM service_events x, p WHERE x.type = p.type AND x.entity_id = ends.entity_id"
+    "  AND x.status = %s) AS first_end,"
+    " (SELECT min(x.time) FROM service_events x, p WHERE x.type = p.type AND x.entity_id = ends.entity_id"
+    "  AND x.status = %s) AS t_start FROM ends),"
+    " d AS (SELECT extract(epoch FROM t_end - t_start)::float8 AS s FROM pairs"
+    "  WHERE first_end = t_end AND t_start IS NOT NULL AND t_start <= t_end)"
+    " INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
+    " SELECT p.day, p.kec, p.type, %s, count(d.s), COALESCE(sum(d.s), 0), min(d.s), max(d.s), now()"
+    " FROM p, d GROUP BY p.day, p.kec, p.type" + _UPSERT_TAIL
+)
+
+
+def recount_writes(type_: str, day: date, kec: str) -> list[Write]:
+    """Recompute the (day, kecamatan, type) cells from service_events (backfill behind the stream's horizon)."""
+    cell = (day, kec, type_, day, day)
+    writes: list[Write] = [
+        (LOCK_CELL, (f"service_daily|{day}|{kec}|{type_}",)),
+        (RECOUNT_STATUS, (*cell, KABUPATEN_CODE)),
+    ]
+    lifecycle = LIFECYCLES.get(type_)
+    for name, start, end in lifecycle.durations if lifecycle is not None else ():
+        writes.append((RECOUNT_DURATION, (*cell, end, KABUPATEN_CODE, end, start, name)))
+    return writes
 
 
 def _str(msg: Mapping[str, Any], name: str, optional: bool = False) -> str | None:
@@ -93,6 +148,18 @@ def service_event_writes(msg: dict[str, Any]) -> list[Write]:
             type_, entity, status, region, kec, _str(msg, "category", optional=True),
             _time(msg.get("opened_at"), "opened_at", optional=True), t, orjson.dumps(durations).decode(),
         )))
+    recount = msg.get("recount") or []
+    if not isinstance(recount, list):
+        raise BadRecord("`recount` must be a list of [day, kecamatan]")
+    for item in recount:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise BadRecord("`recount` must be a list of [day, kecamatan]")
+        try:
+            day = date.fromisoformat(item[0])
+        except ValueError as exc:
+            raise BadRecord(f"recount day must be YYYY-MM-DD: {exc}") from exc
+        assert type_ is not None
+        writes.extend(recount_writes(type_, day, item[1]))
     return writes
 
 

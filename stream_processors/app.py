@@ -18,6 +18,7 @@ from infra.settings import Settings
 from infra.topics import all_topics
 from schemas import topics
 from schemas.envelope import STATUS_TYPE
+from schemas.service_events import SERVICE_MAX_AGE_MS, SERVICE_MAX_FUTURE_MS
 
 from .device_status import DeviceStatusHandler
 from .metrics import WorkerMetrics
@@ -51,8 +52,8 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         # agency service events (jember.welfare., jember.complaint., ...): listeners see each accepted,
         # pseudonymised event (e.g. SLA alert rules)
         service_listeners: list[Any] = []
-        ServiceEventHandler(p, ingest, pii_key_bytes(settings.pii_key), settings.max_age_s * 1000,
-                            settings.max_future_s * 1000, listeners=service_listeners).register(part.handlers)
+        ServiceEventHandler(p, ingest, pii_key_bytes(settings.pii_key), SERVICE_MAX_AGE_MS, SERVICE_MAX_FUTURE_MS,
+                            listeners=service_listeners).register(part.handlers)
         return part
 
     telemetry = StreamRunner(

@@ -28,14 +28,20 @@ Partitioning: the lifecycle of an entity is tracked by the partition that receiv
 producer keys ingest records by entity id (case_id, complaint_id, ...). `entity_key` gives that key.
 
 State is JSON-serialisable, checkpointed with the partition (full snapshot or deltas with deletions) and
-bounded by event time (the partition's service watermark):
-- (source, id) and natural keys: kept for `dedupe_retention_ms` = max_age + max_future + 1 day, longer than
-  any event can still be accepted (older ones are refused as too_old), so de-duplication stays exact;
-- daily cells: dropped when their day ended more than that retention ago (no accepted event can touch
-  them again, so a dropped cell is never recreated with a partial count);
-- entities: a closed entity (last status of its lifecycle) is dropped `closed_retention_ms` (30 days)
-  after its last event; any entity idle for `idle_retention_ms` (400 days) is dropped too. An event
-  for a dropped entity starts a fresh entity (no duration across the gap).
+bounded by event time, with one horizon H (`horizon_ms`, default 35 days) behind the partition's service
+watermark (the highest accepted event time):
+- daily cells whose WIB day ended before the horizon are dropped (their last full state is in the table);
+- closed entities (last status of their lifecycle) whose last event is before the horizon are dropped,
+  and (source, id) marks older than the horizon: so any event with time >= horizon meets every earlier
+  event of the same natural key in the state, and the stream's counts of the days it keeps are exact;
+- open entities are kept for `idle_retention_ms` (400 days, the acceptance window of service events:
+  agencies enter records late), then dropped; an event for a dropped entity starts a fresh entity (no
+  duration across the gap).
+Backfill: service events may be up to 400 days old (SERVICE_MAX_AGE_MS: last year's spreadsheet). An
+event whose cell day is behind the horizon is not counted in the stream (its cell was dropped, counting
+would overwrite the table with a partial count); its service-events message carries
+`"recount": [[day, kecamatan], ...]` and the record sink recomputes those cells from service_events in
+the same transaction as the event's row (consumers/service_rows.py), exact by the table's unique keys.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ log = logging.getLogger("arus.worker.services")
 DAY_MS = 86_400_000
 WIB_OFFSET_MS = 7 * 3_600_000  # Asia/Jakarta, no daylight saving
 
-CLOSED_RETENTION_MS = 30 * DAY_MS
+HORIZON_MS = 35 * DAY_MS
 IDLE_RETENTION_MS = 400 * DAY_MS
 
 Listener = Callable[[Any, Outputs], None]  # (ServiceEvent, Outputs)
@@ -153,7 +159,7 @@ class _Alias:
 class ServiceEventHandler:
     def __init__(
         self, partition: int, source_topic: str, pii_key: bytes, max_age_ms: int, max_future_ms: int,
-        listeners: list[Listener] | None = None, *, closed_retention_ms: int = CLOSED_RETENTION_MS,
+        listeners: list[Listener] | None = None, *, horizon_ms: int = HORIZON_MS,
         idle_retention_ms: int = IDLE_RETENTION_MS,
     ) -> None:
         self.partition = partition
@@ -162,9 +168,9 @@ class ServiceEventHandler:
         self.max_age_ms = max_age_ms
         self.max_future_ms = max_future_ms
         self.listeners: list[Listener] = list(listeners or [])
-        self.dedupe_retention_ms = max_age_ms + max_future_ms + DAY_MS
-        self.closed_retention_ms = max(closed_retention_ms, self.dedupe_retention_ms)
-        self.idle_retention_ms = max(idle_retention_ms, self.closed_retention_ms)
+        self.horizon_ms = horizon_ms
+        self.idle_retention_ms = max(idle_retention_ms, horizon_ms)
+        self._recount: set[tuple[str, str]] = set()  # cells of the current event behind the horizon
         self.regions = load_regions()
         self.watermark = 0  # highest event time accepted on this partition
         # "source|id" -> event time ms
@@ -212,10 +218,10 @@ class ServiceEventHandler:
         self._mark_seen(sid, t)
         if t > self.watermark:
             self.watermark = t
-        kec = ev.kecamatan or (ev.region if ev.region == KABUPATEN_CODE else None) or KABUPATEN_CODE
+        kec = ev.kecamatan or KABUPATEN_CODE  # a kabupaten-level event counts under 35.09
         if entity is None:
-            entity = {"s": ev.status, "u": t, "r": ev.region, "k": kec, "c": ev.category, "ts": {}, "ev": [],
-                      "d": {}}
+            entity = {"s": ev.status, "u": t, "r": ev.region, "k": kec, "c": ev.category, "ts": {}, "tk": {},
+                      "ev": [], "d": {}}
             self.entities[ekey] = entity
         self._deleted["entities"].discard(ekey)
         self._dirty["entities"].add(ekey)
@@ -227,6 +233,8 @@ class ServiceEventHandler:
         ts: dict[str, int] = entity["ts"]
         if ev.status is not None and (ev.status not in ts or t < ts[ev.status]):
             ts[ev.status] = t
+            entity["tk"][ev.status] = kec
+        self._recount = set()
         self._count(wib_day(t), kec, ev.type, f"status:{ev.status}" if ev.status else "events", None)
         # durations completed by this event (either end may arrive first)
         lifecycle = se.LIFECYCLES.get(ev.type)
@@ -240,14 +248,17 @@ class ServiceEventHandler:
                 if seconds < 0:
                     continue  # closing before opening in event time: no duration, never negative
                 entity["d"][name] = seconds
-                end_kec = kec if ev.status == end else entity["k"]
-                self._count(wib_day(ts[end]), end_kec, ev.type, name, seconds)
+                # in the cell of the closing event (its WIB day and kecamatan)
+                self._count(wib_day(ts[end]), entity["tk"].get(end, kec), ev.type, name, seconds)
         opened = ts.get(lifecycle.statuses[0]) if lifecycle is not None and lifecycle.statuses else None
-        out.emit(topics.SERVICE_EVENTS, str(ev.entity_id), {
+        msg: dict[str, Any] = {
             "id": ev.id, "source": ev.source, "type": ev.type, "time": t, "region": ev.region,
             "kecamatan": ev.kecamatan, "entity_id": ev.entity_id, "status": ev.status, "category": ev.category,
             "agency": ev.agency, "durations": dict(entity["d"]), "opened_at": opened, "data": ev.data,
-        })
+        }
+        if self._recount:
+            msg["recount"] = sorted([d, k] for d, k in self._recount)
+        out.emit(topics.SERVICE_EVENTS, str(ev.entity_id), msg)
         for listener in self.listeners:
             try:
                 listener(ev, out)
@@ -260,6 +271,9 @@ class ServiceEventHandler:
         self._deleted["seen"].discard(sid)
 
     def _count(self, day: str, kec: str, type_: str, measure: str, value: float | None) -> None:
+        if wib_day_end_ms(day) < self.watermark - self.horizon_ms:
+            self._recount.add((day, kec))  # backfill: the sink recounts this cell from the table
+            return
         key = f"{day}|{kec}|{type_}|{measure}"
         cell = self.cells.get(key)
         if cell is None:
@@ -308,7 +322,7 @@ class ServiceEventHandler:
 
     def expire(self) -> None:
         wm = self.watermark
-        horizon = wm - self.dedupe_retention_ms
+        horizon = wm - self.horizon_ms
         for sid in [s for s, t in self.seen.items() if t < horizon]:
             self._drop("seen", self.seen, sid)
         for key in [k for k in self.cells if wib_day_end_ms(k.split("|", 1)[0]) < horizon]:
@@ -317,7 +331,7 @@ class ServiceEventHandler:
             lifecycle = se.LIFECYCLES.get(key.split("|", 1)[0])
             closed = lifecycle is None or (bool(lifecycle.statuses) and ent["s"] == lifecycle.statuses[-1])
             idle = wm - int(ent["u"])
-            if idle > self.idle_retention_ms or (closed and idle > self.closed_retention_ms):
+            if idle > self.idle_retention_ms or (closed and idle > self.horizon_ms):
                 self._drop("entities", self.entities, key)
 
     def _drop(self, kind: str, table: dict[str, Any], key: str) -> None:

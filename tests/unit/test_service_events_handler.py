@@ -49,7 +49,7 @@ def welfare(case: str, status: str, t_ms: int, region: str = "35.09.01") -> dict
 
 
 def handler(**kw: Any) -> ServiceEventHandler:
-    return ServiceEventHandler(0, "jember.ingest", KEY, 7 * DAY, 300_000, **kw)
+    return ServiceEventHandler(0, "jember.ingest", KEY, 400 * DAY, 300_000, **kw)
 
 
 def feed(h: ServiceEventHandler, env: dict[str, Any], out: Outputs, now: int = NOW, offset: int = 0) -> None:
@@ -206,7 +206,7 @@ def test_snapshot_restore_full_and_deltas_equal_state() -> None:
 
 
 def test_expiry_is_bounded_and_recorded_in_deltas() -> None:
-    h, out = handler(closed_retention_ms=30 * DAY), Outputs()
+    h, out = handler(horizon_ms=30 * DAY), Outputs()
     t0 = NOW - 40 * DAY
     old_now = t0 + 60_000
     feed(h, complaint("C-10", "opened", t0), out, now=old_now)
@@ -219,9 +219,25 @@ def test_expiry_is_bounded_and_recorded_in_deltas() -> None:
     assert "jember.complaint.v1|C-10" not in h.entities
     assert "jember.complaint.v1|C-11" in h.entities
     assert all(not k.startswith(wib_day(t0)) for k in h.cells)
-    assert all(t >= NOW - 10 * DAY for t in h.seen.values())
+    assert all(t >= NOW - 30 * DAY for t in h.seen.values())
     delta = h.snapshot(False)
     assert "jember.complaint.v1|C-10" in delta["entities-"]
+
+
+def test_backfill_behind_the_horizon_is_recounted_by_the_sink_not_the_stream() -> None:
+    h, out = handler(horizon_ms=30 * DAY), Outputs()
+    feed(h, complaint("C-20", "opened", NOW - 1000), out)  # watermark: now
+    old = NOW - 100 * DAY
+    feed(h, complaint("C-21", "opened", old), out)
+    feed(h, complaint("C-21", "resolved", old + 3_600_000), out)
+    feed(h, complaint("C-21", "resolved", old + 3_600_000), out)  # duplicate still caught (open entity kept)
+    h.flush(out)
+    ev = emitted(out, topics.SERVICE_EVENTS)
+    assert "recount" not in ev[0]
+    assert ev[1]["recount"] == [[wib_day(old), "35.09.19"]]
+    assert ev[2]["recount"] == [[wib_day(old), "35.09.19"]] and ev[2]["durations"] == {"time_to_resolve_s": 3600.0}
+    assert len(ev) == 3 and [d["reason"] for d in emitted(out, topics.DLQ)] == [reasons.DUPLICATE]
+    assert {k[0] for k in cells(out)} == {wib_day(NOW)}  # no partial cell for the old day
 
 
 def test_listeners_get_pseudonymised_events_and_a_failing_one_is_contained() -> None:
