@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from infra.settings import Settings
+from producers.agency_http import router as agency_router
 
 WIB = ZoneInfo("Asia/Jakarta")
 _STATUS_SQL = """
@@ -70,6 +71,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     def metrics() -> Response:
         return Response(generate_latest(prom), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(agency_router(settings, prom))
     return app
 
 

@@ -97,6 +97,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agencies(args: argparse.Namespace) -> int:
+    from infra.agencies import main as agencies_main
+
+    return agencies_main(_settings().database_dsn(), args)
+
+
+def cmd_import_csv(args: argparse.Namespace) -> int:
+    from producers.csv_import import main as import_main
+
+    return import_main(_settings(), args)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from arus.dlq import main as dlq_main
 
@@ -138,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
         dsub.add_parser(action).add_argument("device_id")
     dsub.add_parser("list")
     dev.set_defaults(func=cmd_devices)
+    agencies = sub.add_parser("agencies", help="agency API keys for POST /v1/events")
+    from infra.agencies import add_arguments as agencies_arguments
+
+    agencies_arguments(agencies)
+    agencies.set_defaults(func=cmd_agencies)
+    imp = sub.add_parser("import-csv", help="import a spreadsheet export of service events (CSV)")
+    from producers.csv_import import add_arguments as import_arguments
+
+    import_arguments(imp)
+    imp.set_defaults(func=cmd_import_csv)
     dlq = sub.add_parser("dlq", help="dead letters: list, replay after a fix")
     from arus.dlq import add_arguments as dlq_arguments
 
