@@ -11,11 +11,13 @@ from typing import Any
 
 import psycopg
 
+from infra import mqtt_auth
 from schemas.errors import ConfigError
 from schemas.regions import is_known_region
 from schemas.sensors import SENSOR_KINDS
 
-_ITERATIONS = 100_000
+_LEGACY_PREFIX = "pbkdf2_sha256"
+RESERVED_PREFIX = "arus-"  # broker accounts of Arus itself (mqtt_auth.GATEWAY_USER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,22 +31,24 @@ class Device:
 
 
 def hash_secret(secret: str, salt: bytes | None = None) -> str:
-    """Salted PBKDF2-SHA256, stored as pbkdf2_sha256$iterations$salt$hash (the secret is never stored)."""
-    salt = salt or secrets.token_bytes(16)
-    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, _ITERATIONS)
-    return f"pbkdf2_sha256${_ITERATIONS}${salt.hex()}${digest.hex()}"
+    """Salted PBKDF2-SHA512 in mosquitto 2's `$7$iterations$salt$hash` form (the secret is never
+    stored): the broker's password file is generated from these hashes as they are (infra/mqtt_auth)."""
+    return mqtt_auth.hash_secret(secret, salt)
 
 
 def verify_secret(secret: str, stored: str | None) -> bool:
+    """Checks both the current `$7$` hashes and the older `pbkdf2_sha256$iterations$salt$hash` ones."""
     if not stored:
         return False
+    if stored.startswith(mqtt_auth.HASH_PREFIX):
+        return mqtt_auth.verify_broker_hash(secret, stored)
     try:
         algo, iterations, salt_hex, digest_hex = stored.split("$")
+        if algo != _LEGACY_PREFIX:
+            return False
+        digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), bytes.fromhex(salt_hex), int(iterations))
     except ValueError:
         return False
-    if algo != "pbkdf2_sha256":
-        return False
-    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), bytes.fromhex(salt_hex), int(iterations))
     return hmac.compare_digest(digest.hex(), digest_hex)
 
 
@@ -54,6 +58,9 @@ def add_device(conn: psycopg.Connection[Any], device_id: str, kind: str, region_
         raise ConfigError(f"unknown kind {kind!r}; one of {', '.join(sorted(SENSOR_KINDS))}")
     if not is_known_region(region_code):
         raise ConfigError(f"unknown region code {region_code!r}")
+    if device_id.startswith(RESERVED_PREFIX):
+        raise ConfigError(f"device ids starting with {RESERVED_PREFIX!r} are reserved for Arus's own "
+                          "broker accounts (the gateway's)")
     secret = secrets.token_urlsafe(24)
     conn.execute(
         """INSERT INTO devices (device_id, kind, region_code, secret_hash)

@@ -657,16 +657,33 @@ def _mosquitto_conf(port: int, mqtt_dir: Path, password_file: Path | None, acl_f
     return "\n".join(x for x in lines if x) + "\n"
 
 
-def _amqtt_conf(port: int, password_file: Path | None) -> dict[str, object]:
-    plugins: dict[str, object] = {
-        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": password_file is None},
-    }
+def _amqtt_conf(port: int, password_file: Path | None, acl_file: Path | None = None) -> dict[str, object]:
+    """amqtt's config. With a password file, infra/amqtt_auth's plugins enforce mosquitto's password
+    file and ACL formats (the same files mosquitto would read), and anonymous clients are refused."""
+    plugins: dict[str, object]
     if password_file:
-        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password-file": str(password_file)}
+        files = {"password_file": str(Path(password_file).absolute()),
+                 "acl_file": str(Path(acl_file).absolute()) if acl_file else ""}
+        plugins = {"infra.amqtt_auth.RegistryAuthPlugin": files}
+        if acl_file:
+            plugins["infra.amqtt_auth.RegistryTopicPlugin"] = files
+    else:
+        plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 10000}},
         "plugins": plugins,
     }
+
+
+def reload_mqtt(service: EmbeddedService) -> bool:
+    """Make a running embedded broker re-read its password file and ACL (SIGHUP, for both backends)."""
+    if not service.alive():
+        return False
+    try:
+        os.kill(service.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def start_mqtt(
@@ -692,9 +709,13 @@ def start_mqtt(
         name = "amqtt"
         log_path = data_dir / "logs" / "amqtt.log"
         conf = mqtt_dir / "amqtt.yaml"
-        conf.write_text(json.dumps(_amqtt_conf(port, password_file), indent=2))  # JSON is YAML
+        conf.write_text(json.dumps(_amqtt_conf(port, password_file, acl_file), indent=2))  # JSON is YAML
         argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
-    proc = popen_in_group(argv, log_path, cwd=mqtt_dir)
+    env = dict(os.environ)
+    # The auth plugins live in this repository (infra.amqtt_auth): importable from the broker's cwd too.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
+    proc = popen_in_group(argv, log_path, cwd=mqtt_dir, env=env)
     deadline = t0 + MQTT_START_TIMEOUT
     while mqtt_connack("127.0.0.1", port, timeout=1.0) is None:
         if proc.poll() is not None:
@@ -737,7 +758,8 @@ def parse_endpoint(url: str, kind: str) -> Endpoint:
     return Endpoint(parts.hostname or "127.0.0.1", port or DEFAULT_PORTS[kind])
 
 
-def _start(kind: str, port: int, data_dir: Path, url: str | None) -> EmbeddedService:
+def _start(kind: str, port: int, data_dir: Path, url: str | None,
+           mqtt_auth: tuple[Path, Path] | None = None) -> EmbeddedService:
     if kind == "kafka":
         return start_tansu(port, data_dir)
     if kind == "postgres":
@@ -751,12 +773,13 @@ def _start(kind: str, port: int, data_dir: Path, url: str | None) -> EmbeddedSer
             pg_ensure_role_and_database(port, PG_USER, user, database)
         return svc
     if kind == "mqtt":
-        return start_mqtt(port, data_dir)
+        return start_mqtt(port, data_dir, *(mqtt_auth or (None, None)))
     raise ValueError(f"unknown kind {kind!r}; one of kafka, postgres, mqtt")
 
 
 def resolve_or_start(
-    url: str | None, kind: str, data_dir: Path, *, preferred_port: int | None = None
+    url: str | None, kind: str, data_dir: Path, *, preferred_port: int | None = None,
+    mqtt_auth: tuple[Path, Path] | None = None,
 ) -> tuple[str, EmbeddedService | None]:
     """The product rule. Returns (url to use, embedded service or None).
 
@@ -764,6 +787,8 @@ def resolve_or_start(
     - url on 127.0.0.1/localhost where nothing listens: start the embedded one on that port, and
       keep the given URL (for PostgreSQL its user and database are created);
     - otherwise: use the given URL as is.
+
+    `mqtt_auth` (password file, ACL file): an embedded MQTT broker enforces them.
     """
     if kind not in DEFAULT_PORTS:
         raise ValueError(f"unknown kind {kind!r}; one of kafka, postgres, mqtt")
@@ -773,7 +798,7 @@ def resolve_or_start(
             else free_port()
         for attempt in range(3):
             try:
-                svc = _start(kind, port, data_dir, None)
+                svc = _start(kind, port, data_dir, None, mqtt_auth)
                 return svc.url, svc
             except EmbeddedServiceError:
                 # Someone took the port between the check and the bind: another free port.
@@ -783,6 +808,6 @@ def resolve_or_start(
         raise AssertionError("unreachable")
     ep = parse_endpoint(url, kind)
     if ep.host in LOCAL_HOSTS and not port_is_listening("127.0.0.1", ep.port):
-        svc = _start(kind, ep.port, data_dir, url)
+        svc = _start(kind, ep.port, data_dir, url, mqtt_auth)
         return url, svc
     return url, None

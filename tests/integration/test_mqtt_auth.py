@@ -1,0 +1,196 @@
+"""Device credentials enforced by the broker, end to end: an MQTT broker with the password file and
+ACL generated from the registry (kept current by the registry watcher), a gateway with its own
+account, worker and sink; devices connect from outside with paho.
+
+Refused things must produce nothing downstream. A broker may PUBACK a publish its ACL drops, so
+absence is checked behind a barrier: the topics have ONE partition, so a valid reading published
+after the refused ones lands only after anything they could have caused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+
+from infra import embedded, mqtt_auth
+from infra.devices import add_device, revoke_device, rotate_secret
+from tests.helpers import pg_fetch, wait_until
+
+REGION = "35.09.19.1001"
+
+
+@dataclass
+class AuthStack:
+    port: int
+    dsn: str
+    service: embedded.EmbeddedService
+    sync: mqtt_auth.AuthSync
+    gateway_url: str
+
+
+def _backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "amqtt":
+        monkeypatch.setattr(embedded, "_mosquitto_bin", lambda: None)  # as on a machine without it
+    elif embedded.mqtt_backend() != "mosquitto":
+        pytest.skip("mosquitto is not installed")
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def auth_stack(request, monkeypatch, tmp_path: Path, fresh_database_url: str) -> Iterator[AuthStack]:
+    """A broker with auth on a random port, and the registry watcher (as `arus up` runs it)."""
+    _backend(request, monkeypatch)
+    secret = mqtt_auth.load_or_create_secret(tmp_path / "gateway.secret")
+    holder: dict[str, embedded.EmbeddedService] = {}
+    sync = mqtt_auth.AuthSync(tmp_path / "auth", [mqtt_auth.gateway_account("arus-gateway", secret)],
+                              reload=lambda: embedded.reload_mqtt(holder["svc"]) if "svc" in holder else None)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync.sync(conn, force=True)
+    svc = embedded.start_mqtt(embedded.free_port(), tmp_path / "broker", tmp_path / "auth" / "passwd",
+                              tmp_path / "auth" / "acl")
+    assert svc.name == request.param
+    holder["svc"] = svc
+    stop = threading.Event()
+    watcher = threading.Thread(target=mqtt_auth.watch, args=(fresh_database_url, sync),
+                               kwargs={"interval": 0.2, "stop": stop.is_set, "sleep": stop.wait}, daemon=True)
+    watcher.start()
+    try:
+        yield AuthStack(svc.port, fresh_database_url, svc, sync,
+                        mqtt_auth.with_credentials(svc.url, "arus-gateway", secret))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        svc.stop()
+
+
+class Device:
+    """A paho client that remembers how its CONNECT was answered."""
+
+    def __init__(self, port: int, username: str | None, password: str | None) -> None:
+        self.rc: Any = None
+        self.answered = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}")
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(30, 60)  # no quick retries with refused credentials
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        assert self.answered.wait(10), "no CONNACK"
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if self.rc is None:
+            self.rc = reason
+        self.answered.set()
+
+    @property
+    def accepted(self) -> bool:
+        return self.rc is not None and not self.rc.is_failure
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        if self.client.is_connected():
+            info.wait_for_publish(timeout=10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def accepts(port: int, username: str | None, password: str | None) -> bool:
+    d = Device(port, username, password)
+    d.close()
+    return d.accepted
+
+
+def reading(value: float, seq: int = 0) -> bytes:
+    return orjson.dumps({"ts": int(time.time() * 1000), "seq": seq, "values": {"waterLevel": value}})
+
+
+def test_only_registered_devices_publish_and_only_under_their_own_topic(
+    auth_stack: AuthStack, arus_env, spawn_arus
+) -> None:
+    s = auth_stack
+    dsn = s.dsn
+    suffix = uuid.uuid4().hex[:6]
+    a, b, c = f"wl-a-{suffix}", f"wl-b-{suffix}", f"wl-c-{suffix}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        secret_a = add_device(conn, a, "water_level", REGION)
+        secret_b = add_device(conn, b, "water_level", REGION)
+        secret_c = add_device(conn, c, "water_level", REGION)
+    # The watcher regenerates and reloads: the new devices are let in (no restart of the broker).
+    wait_until(lambda: accepts(s.port, c, secret_c), 20, message="a newly added device is accepted")
+    assert s.service.alive()
+
+    env = arus_env(database_url=dsn, partitions=1, ARUS_MQTT_URL=s.gateway_url,
+                   ARUS_GATEWAY_CLIENT_ID=f"gw-{suffix}")
+    procs = [spawn_arus(name, env=env) for name in ("gateway", "worker", "sink")]
+
+    def values(device: str) -> set[float]:
+        return {r[0] for r in pg_fetch(dsn, "SELECT value FROM readings WHERE device_id = %s", [device])}
+
+    # A registered device's reading lands (retried until the pipeline is up: the worker joins late).
+    dev_a = Device(s.port, a, secret_a)
+    assert dev_a.accepted
+    seq = 0
+
+    def lands() -> bool:
+        nonlocal seq
+        seq += 1
+        dev_a.publish(f"jember/v1/{a}/telemetry", reading(1.0 + seq / 1000, seq))
+        return bool(values(a))
+
+    wait_until(lands, 120, interval=1.0, message="a registered device's reading lands in readings")
+
+    # Refused at CONNECT: a wrong secret, no credentials at all, an unknown user.
+    for user, password in ((a, "not-the-secret"), (None, None), (f"ghost-{suffix}", secret_a), (b, secret_a)):
+        d = Device(s.port, user, password)
+        assert not d.accepted, f"{user!r} was let in"
+        d.publish(f"jember/v1/{user or 'anon'}/telemetry", reading(2.22))
+        d.close()
+
+    # Into another device's topic: the broker may acknowledge it, but it goes nowhere.
+    dev_a.publish(f"jember/v1/{b}/telemetry", reading(3.33))
+    dev_a.publish(f"jember/v1/{b}/status", b"offline")
+
+    # Revoked while connected, then publishing: nothing passes.
+    dev_b = Device(s.port, b, secret_b)
+    assert dev_b.accepted
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert revoke_device(conn, b)
+    wait_until(lambda: not accepts(s.port, b, secret_b), 20, message="the revoked device is refused")
+    dev_b.publish(f"jember/v1/{b}/telemetry", reading(4.44))
+
+    # Rotation: the old secret stops working, the new one works.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        new_a = rotate_secret(conn, a)
+    wait_until(lambda: not accepts(s.port, a, secret_a), 20, message="the old secret is refused after rotation")
+    assert accepts(s.port, a, new_a)
+
+    # The barrier: a valid reading after all of the above (one partition end to end).
+    dev_a.close()
+    dev_a2 = Device(s.port, a, new_a)
+    assert dev_a2.accepted
+    dev_a2.publish(f"jember/v1/{a}/telemetry", reading(5.55, 10_000))
+    wait_until(lambda: 5.55 in values(a), 60, message="the reading after the refused ones lands")
+    dev_a2.close()
+    dev_b.close()
+
+    assert values(b) == set()
+    assert not values(a) & {2.22, 3.33, 4.44}
+    raws = [r[0] for r in pg_fetch(dsn, "SELECT raw FROM dead_letters")]
+    assert not [r for r in raws if any(x in r for x in ("2.22", "3.33", "4.44"))], raws
+    assert not pg_fetch(dsn, "SELECT 1 FROM dead_letters WHERE device_id = %s OR device_id LIKE %s",
+                        [b, f"ghost-{suffix}%"])
+    for p in procs:
+        assert p.alive(), f"{p.name} died:\n{p.log_tail()}"
+    assert s.service.alive()
