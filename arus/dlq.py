@@ -186,6 +186,25 @@ def _from_ingest(d: DeadLetter, payload: bytes) -> list[tuple[bytes, bytes]] | s
     return [(subject.encode(), payload)]  # sent as it was, byte for byte
 
 
+def _from_sealed(payload: bytes, settings: Settings) -> list[tuple[bytes, bytes]] | str | None:
+    """A service event the worker refused keeps its raw sealed (it may hold NIK/names in clear):
+    `{"sealed": <token>, "type", "id", "source", "key"}`. The original bytes, keyed by entity id like
+    agencies produce them; None when `payload` is not such a wrapper."""
+    try:
+        wrapper = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(wrapper, dict) or not isinstance(wrapper.get("sealed"), str):
+        return None
+    from infra.privacy import pii_key_bytes, unseal
+
+    try:
+        clear = unseal(wrapper["sealed"], pii_key_bytes(settings.pii_key))
+    except ValueError as exc:
+        return f"sealed raw cannot be opened ({exc})"
+    return [(str(wrapper.get("key") or wrapper.get("id") or "").encode(), clear)]
+
+
 def plan_replay(rows: Sequence[DeadLetter], settings: Settings, now_ms: int | None = None) -> ReplayPlan:
     ingest = settings.topic("ingest")
     received_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -198,7 +217,8 @@ def plan_replay(rows: Sequence[DeadLetter], settings: Settings, now_ms: int | No
         if d.source == GATEWAY_SOURCE:
             result = _from_gateway(d, payload, received_ms, settings.max_payload_bytes)
         elif d.topic == ingest:
-            result = _from_ingest(d, payload)
+            sealed = _from_sealed(payload, settings)
+            result = sealed if sealed is not None else _from_ingest(d, payload)
         else:
             result = f"not ingest input (source {d.source}, topic {d.topic or '-'})"
         if isinstance(result, str):

@@ -292,3 +292,22 @@ def test_emergency_response_time_either_order(status: str) -> None:
 
 def test_timedelta_sanity() -> None:
     assert timedelta(milliseconds=DAY).days == 1
+
+
+def test_dlq_replay_unseals_the_original_bytes_keyed_by_entity() -> None:
+    from arus.dlq import DeadLetter, plan_replay
+    from infra.settings import Settings
+
+    settings = Settings(pii_key=KEY.decode(), topic_prefix="jember.")
+    h, out = handler(), Outputs()
+    env = welfare("W-30", "registered", NOW - 1000, region="35.09.99")
+    raw = orjson.dumps(env)
+    h.handle(orjson.loads(raw), raw, 5, NOW, out)
+    (dead,) = emitted(out, topics.DLQ)
+    assert NIK not in dead["raw"] and NAME not in dead["raw"]
+    row = DeadLetter(dead["id"], datetime.now(UTC), dead["reason"], dead["message"], dead["source"], None,
+                     dead["topic"], 0, 5, dead["raw"], dead["raw_encoding"], None)
+    plan = plan_replay([row], settings, now_ms=NOW)
+    assert plan.records == {dead["id"]: [(b"W-30", raw)]} and not plan.skipped
+    other = plan_replay([row], Settings(pii_key="another-key", topic_prefix="jember."), now_ms=NOW)
+    assert not other.records and "cannot be opened" in other.skipped[dead["id"]]
