@@ -10,7 +10,8 @@
   its entity id; the answer comes after Kafka acknowledged every record (503 when Kafka fails: the
   whole request may be retried, duplicates are harmless).
 - Answer 202: {"accepted": n, "rejected": m, "results": [{index, id, status, reason, message}]}.
-  Rejected events also go to `jember.dlq` with their reason, personal fields sealed.
+  Rejected events also go to `jember.dlq` with their reason, the raw input sealed (AES-GCM;
+  `arus dlq replay` restores it).
 - `source` is kept as the agency sent it; the authenticated agency is recorded in the extension
   attribute `arusagency` (and `aruschannel` = "http").
 """
@@ -33,7 +34,7 @@ from infra.agencies import KeyCache
 from infra.privacy import pii_key_bytes
 from infra.settings import Settings
 from producers.service_ingest import IngestPublisher, Record, dead_letter, prepare
-from schemas import reasons
+from schemas import reasons, topics
 from schemas.messages import DeadLetterMsg
 from schemas.regions import load_regions
 from schemas.results import Rejected
@@ -103,6 +104,7 @@ def router(
         lookup = KeyCache(settings.database_dsn()).lookup
     pii_key = pii_key_bytes(settings.pii_key)
     regions = load_regions()
+    ingest_topic = settings.topic(topics.INGEST)
     prom = registry or CollectorRegistry()
     events = Counter("arus_agency_events_total", "service events received over HTTP", ["agency", "status"],
                      registry=prom)
@@ -175,7 +177,7 @@ def router(
                 results.append({"index": index, "id": eid, "status": "rejected",
                                 "reason": outcome.reason, "message": outcome.message})
                 dead.append(dead_letter(outcome, raw_line if raw_line is not None else item, pii_key, source,
-                                        now_ms, index=index))
+                                        now_ms, topic=ingest_topic, index=index))
             else:
                 ingest.append((outcome.value.key, outcome.value.value))
                 results.append({"index": index, "id": eid, "status": "accepted", "reason": None, "message": None})

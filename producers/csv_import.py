@@ -15,7 +15,7 @@ produced to `jember.ingest` in batches (each batch waits for Kafka's acknowledge
 - The event id of a row is deterministic (`csv-` + hash of type, entity, status, time) unless an id
   column is mapped: importing the same file twice, or the same event over HTTP/Kafka, lands once.
 - Rejected rows go to a reject report (CSV: line, reason, message, the row with personal columns
-  masked; default FILE.rejects.csv) and to `jember.dlq` with personal fields sealed.
+  masked; default FILE.rejects.csv) and to `jember.dlq`, the raw row sealed (AES-GCM).
 - Exit status: 0 every row imported, 1 some rows rejected (the others imported), 2 error.
 """
 
@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo
 from infra.privacy import is_personal_key, pii_key_bytes
 from infra.settings import Settings
 from producers.service_ingest import IngestPublisher, Record, dead_letter, prepare
-from schemas import reasons
+from schemas import reasons, topics
 from schemas.errors import ConfigError
 from schemas.messages import DeadLetterMsg
 from schemas.regions import load_regions
@@ -414,6 +414,7 @@ def import_csv(
     src = source or f"csv:{path.name}"
     clock = now_ms or (lambda: int(time.time() * 1000))
     regions = load_regions()
+    ingest_topic = settings.topic(topics.INGEST)
     total = max(0, text.count("\n") - (0 if text.endswith("\n") else -1) - 1)
     result = ImportResult(unmapped=mapping.unmapped)
     result.report = report_path or path.with_name(path.name + ".rejects.csv")
@@ -446,7 +447,7 @@ def import_csv(
                     result.reasons[outcome.reason] += 1
                     masked = [MASK if i in mapping.personal and c.strip() else c for i, c in enumerate(row)]
                     writer.writerow([line, outcome.reason, outcome.message, *masked])
-                    dead.append(dead_letter(outcome, env, pii_key, src, clock(), line=line))
+                    dead.append(dead_letter(outcome, env, pii_key, src, clock(), topic=ingest_topic, line=line))
                 else:
                     result.accepted += 1
                     ingest.append((outcome.value.key, outcome.value.value))

@@ -2,8 +2,8 @@
 
 For each CloudEvent: validate (schemas.service_events, NIK included), pseudonymise every personal
 field with the keyed hash (infra.privacy) and produce it to `jember.ingest` keyed by entity id.
-A refused event goes to `jember.dlq` with its reason; its personal fields are sealed (AES-GCM), never
-in clear, so `arus dlq replay` can restore them after a fix.
+A refused event goes to `jember.dlq` with its reason; its raw input is sealed (AES-GCM), never in
+clear, so `arus dlq replay` can restore it after a fix.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from infra.kafka_admin import ensure_topics
-from infra.privacy import protect_raw, pseudonymise
+from infra.privacy import pseudonymise, seal
 from infra.settings import Settings
 from schemas import topics
 from schemas.messages import DeadLetterMsg
 from schemas.regions import Region, load_regions
 from schemas.results import Ok, Rejected
 from schemas.service_events import (
+    LIFECYCLES,
     SERVICE_MAX_AGE_MS,
     SERVICE_MAX_FUTURE_MS,
     ServiceEvent,
@@ -71,24 +72,50 @@ def prepare(
     return Ok(Prepared(ev, ev.entity_id.encode("utf-8"), orjson.dumps(out)))
 
 
-def dead_letter(rejected: Rejected, raw: Any, pii_key: bytes, source: str, now_ms: int, **position: Any) -> DeadLetterMsg:
-    """A dead letter whose personal values are sealed; the id is a keyed hash of the clear input, so
-    the same bad event sent again is the same dead-letter row (and the id reveals nothing)."""
-    clear = raw if isinstance(raw, str | bytes) else orjson.dumps(raw, default=str)
-    clear_b = clear.encode("utf-8", "surrogatepass") if isinstance(clear, str) else bytes(clear)
-    digest = hmac.new(pii_key, source.encode() + b"\x00" + clear_b, hashlib.sha256).hexdigest()
-    message = rejected.message
+def _entity_key(env: Any) -> str | None:
+    if not isinstance(env, dict) or not isinstance(env.get("data"), dict):
+        return None
+    etype = env.get("type")
+    life = LIFECYCLES.get(etype) if isinstance(etype, str) else None
+    value = env["data"].get(life.entity_field) if life else None
+    return value if isinstance(value, str) else None
+
+
+def dead_letter(
+    rejected: Rejected, raw: Any, pii_key: bytes, source: str, now_ms: int, topic: str | None = None, **position: Any
+) -> DeadLetterMsg:
+    """A dead letter whose raw input is sealed (AES-GCM, it may hold NIK/names in clear), in the same
+    wrapper the worker uses, `{"sealed", "type", "id", "source", "key"}`, so `arus dlq replay` restores
+    and re-produces it to `topic` (jember.ingest). The id is a keyed hash of the clear input: the same
+    bad event sent again is the same dead-letter row, and the id reveals nothing."""
+    if isinstance(raw, bytes | bytearray):
+        clear = bytes(raw)
+    elif isinstance(raw, str):
+        clear = raw.encode("utf-8", "surrogatepass")
+    else:
+        clear = orjson.dumps(raw, default=str)
+    digest = hmac.new(pii_key, source.encode() + b"\x00" + clear, hashlib.sha256).hexdigest()
+    env = raw if isinstance(raw, dict) else None
+    wrapper = {
+        "sealed": seal(clear, pii_key),
+        "type": env.get("type") if env and isinstance(env.get("type"), str) else None,
+        "id": env.get("id") if env and isinstance(env.get("id"), str) else None,
+        "source": env.get("source") if env and isinstance(env.get("source"), str) else None,
+        "key": _entity_key(env),
+    }
     line = position.get("line")
+    index = position.get("index")
+    where = f"line {line}: " if line is not None else (f"item {index}: " if index is not None else "")
     return {
         "id": f"dl-{digest[:32]}",
         "reason": rejected.reason,
-        "message": message if line is None else f"line {line}: {message}",
+        "message": where + rejected.message,
         "source": source,
         "device_id": None,
-        "topic": None,
+        "topic": topic,
         "partition": None,
-        "offset": position.get("index") if isinstance(position.get("index"), int) else None,
-        "raw": protect_raw(raw, pii_key),
+        "offset": None,
+        "raw": orjson.dumps(wrapper).decode("utf-8"),
         "raw_encoding": "utf-8",
         "time": now_ms,
     }

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from infra.privacy import keyed_hash, unseal_personal
+from infra.privacy import keyed_hash, unseal
 from infra.settings import Settings
 from producers import agency_http
 from schemas.service_events import synthetic_nik
@@ -102,9 +102,11 @@ async def test_array_mixed_results_and_sealed_dead_letters() -> None:
     assert len(pub.ingest) == 1 and len(pub.dead) == 4
     dl = json.dumps(pub.dead)
     assert NIK not in dl and "3509991708850007" not in dl and "Siti" not in dl
-    # a replay can restore the clear values with the key
-    restored = unseal_personal(json.loads(pub.dead[1]["raw"]), PII)
-    assert restored["data"]["person"]["nik"] == "3509991708850007"
+    # a replay can restore the clear input with the key (the worker's wrapper format)
+    wrapper = json.loads(pub.dead[1]["raw"])
+    assert wrapper["key"] == "K-3" and wrapper["id"] == "ev-3" and wrapper["type"] == "jember.welfare.case.v1"
+    assert orjson.loads(unseal(wrapper["sealed"], PII)) == bad_nik
+    assert pub.dead[1]["message"].startswith("item 2: ") and pub.dead[1]["reason"] == "invalid_nik"
 
 
 async def test_ndjson_with_a_broken_line() -> None:
