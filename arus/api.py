@@ -12,6 +12,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from arus.routes.devices import routes as devices_routes
 from infra.settings import Settings
 from producers.agency_http import router as agency_router
 
@@ -72,6 +73,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return Response(generate_latest(prom), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(agency_router(settings, prom))
+    app.include_router(devices_routes(settings))
     return app
 
 

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     gateway_client_id: str = Field("arus-gateway", min_length=1, max_length=64)
     gateway_shared: bool = False
     gateway_metrics_port: int | None = None
+    # worker-side rejections answered on jember/v1/{id}/errors: at most this many a minute per device
+    gateway_error_replies_per_min: int = Field(60, ge=0)
     # paho's network thread holds the GIL while parsing; a short switch interval hands messages to the
     # asyncio thread sooner (measured: the default 5 ms adds milliseconds of latency per hand-over)
     gateway_switch_interval_s: float = Field(0.0005, gt=0, le=0.1)

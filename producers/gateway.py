@@ -50,6 +50,7 @@ from .decoding import (
     error_reply,
     errors_topic,
 )
+from .error_feedback import WorkerErrorFeedback
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("arus.gateway")
@@ -536,6 +537,7 @@ class Gateway:
         client.connect_async(self.target.host, self.target.port, keepalive=30)
         client.loop_start()
         sender = asyncio.create_task(self._sender())
+        self._spawn(WorkerErrorFeedback(self.settings, lambda t, b: client.publish(t, b, qos=1)).run())
         try:
             await self._stopped.wait()
             # process what arrived before the stop, then wait (bounded) for its delivery
