@@ -13,6 +13,8 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from arus.routes.devices import routes as devices_routes
+from arus.routes.regions import routes as regions_routes
+from arus.routes.series import routes as series_routes
 from infra.settings import Settings
 from producers.agency_http import router as agency_router
 
@@ -74,6 +76,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     app.include_router(agency_router(settings, prom))
     app.include_router(devices_routes(settings))
+    app.include_router(series_routes(settings))
+    app.include_router(regions_routes(settings))
     return app
 
 

@@ -488,21 +488,24 @@ class Sink:
 
 async def _main(settings: Settings, registry: CollectorRegistry) -> None:
     from .records import RecordSink
+    from .rollups import RollupJob
 
     metrics = SinkMetrics(registry)
     sink = Sink(settings, metrics)
     records = RecordSink(settings, metrics)  # the low-volume tables, same process and metrics
+    rollups = RollupJob(settings, registry)  # hourly/daily rollups and retention (consumers/rollups.py)
     if settings.sink_metrics_port is not None:
         serve_health(settings.sink_metrics_port, registry, "sink", sink.readiness)
 
     def stop() -> None:
         sink.request_stop()
         records.request_stop()
+        rollups.request_stop()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(sink.run()), asyncio.create_task(records.run())]
+    tasks = [asyncio.create_task(sink.run()), asyncio.create_task(records.run()), asyncio.create_task(rollups.run())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
