@@ -115,6 +115,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return dlq_main(_settings(), args)
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from stream_processors.alerting.rules import check_main
+
+    return check_main(args.file or (str(_settings().rules_file) if _settings().rules_file else None))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import main as bench_main
 
@@ -165,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq_arguments(dlq)
     dlq.set_defaults(func=cmd_dlq)
+    rules = sub.add_parser("rules", help="alert rules: check a rules file (default ARUS_RULES_FILE or the shipped one)")
+    rules.add_argument("action", choices=["check"])
+    rules.add_argument("file", nargs="?", help="rules YAML (see docs/alerts.md)")
+    rules.set_defaults(func=cmd_rules)
     bench = sub.add_parser("bench", help="benchmarks of every stage (see bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)

@@ -17,9 +17,12 @@ from infra.privacy import pii_key_bytes
 from infra.settings import Settings
 from infra.topics import all_topics
 from schemas import topics
+from schemas.alerts import COMMAND_TYPE
 from schemas.envelope import STATUS_TYPE
 from schemas.service_events import SERVICE_MAX_AGE_MS, SERVICE_MAX_FUTURE_MS
 
+from .alerting.handler import AlertHandler, RegionAlerts
+from .alerting.rules import load_rules
 from .device_status import DeviceStatusHandler
 from .metrics import WorkerMetrics
 from .region_merge import RegionMergePartition
@@ -38,6 +41,8 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
     policy = TimePolicy(settings.max_age_s * 1000, settings.max_future_s * 1000)
     ingest = settings.topic(topics.INGEST)
     partials = settings.topic(topics.REGION_PARTIALS)
+    rules = load_rules(settings.rules_file)  # a bad rules file stops the worker here, with the rule and field
+    log.info("alert rules: %d from %s", len(rules.rules), rules.source)
     common = dict(
         bootstrap=settings.kafka_bootstrap, topic_name=settings.topic, metrics=metrics,
         batch_max=settings.batch_max, linger_ms=settings.batch_linger_ms,
@@ -49,12 +54,24 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         status = DeviceStatusHandler(p, ingest, lambda: registry, settings.device_silence_factor)
         part.handlers[STATUS_TYPE] = status
         part.observers.append(status)  # readings make a device online; silence makes it offline
+        # alert rules: readings (threshold/rate/absence), SLA timers, operators' commands; state checkpointed
+        alerts = AlertHandler(rules, p, ingest, lambda: part.watermark)
+        part.handlers[COMMAND_TYPE] = alerts
+        part.observers.append(alerts)
         # agency service events (jember.welfare., jember.complaint., ...): listeners see each accepted,
         # pseudonymised event (e.g. SLA alert rules)
-        service_listeners: list[Any] = []
+        service_listeners: list[Any] = [alerts.on_service_event]
         ServiceEventHandler(p, ingest, pii_key_bytes(settings.pii_key), SERVICE_MAX_AGE_MS, SERVICE_MAX_FUTURE_MS,
                             listeners=service_listeners).register(part.handlers)
         return part
+
+    def _merge_partition(p: int) -> RegionMergePartition:
+        merge = RegionMergePartition(p, partials, size_ms,
+                                     settings.allowed_lateness_s * 1000 + settings.region_retention_s * 1000)
+        region_alerts = RegionAlerts(rules, size_ms)  # aggregate rules over the kecamatan windows
+        if region_alerts.active:
+            merge.alerts = region_alerts
+        return merge
 
     telemetry = StreamRunner(
         name="telemetry", group_id=f"{settings.consumer_group_prefix}-worker",
@@ -65,11 +82,12 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
     region = StreamRunner(
         name="region-merge", group_id=f"{settings.consumer_group_prefix}-region-merge",
         source_topic=partials, state_topic=settings.topic(topics.REGION_STATE),
-        factory=lambda p: RegionMergePartition(p, partials, size_ms,
-                                               settings.allowed_lateness_s * 1000 + settings.region_retention_s * 1000),
+        factory=lambda p: _merge_partition(p),
         **common,  # type: ignore[arg-type]
     )
-    return [telemetry, region]
+    from .indicators.stage import indicator_runners  # program indicators (docs/indicators.md)
+
+    return [telemetry, region, *indicator_runners(settings, common)]
 
 
 async def _refresh_loop(registry: DeviceRegistry, stop: asyncio.Event) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from schemas import reasons, topics
+from schemas.alerts import COMMAND_TYPE
 from schemas.results import Rejected
 
 from . import windows as W
@@ -32,10 +33,14 @@ class RegionMergePartition:
         self.state: dict[MergeKey, dict[str, list[float]]] = {}
         self.dirty: set[MergeKey] = set()
         self.expired = 0
+        self.alerts: Any = None  # stream_processors.alerting.handler.RegionAlerts: aggregate alert rules
 
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
         try:
             msg = orjson.loads(raw)
+            if self.alerts is not None and isinstance(msg, dict) and msg.get("type") == COMMAND_TYPE:
+                self.alerts.on_command(msg, now_ms, out)  # an operator's command for a kecamatan alert
+                return
             key = (str(msg["kecamatan"]), str(msg["metric"]), int(msg["window_start"]))
             src = str(msg["src"])
             partial = [float(x) for x in msg["state"]]
@@ -64,11 +69,16 @@ class RegionMergePartition:
             merged = W.merge(array("d", s) for s in sources.values())
             assert merged is not None
             kec, metric, start = key
+            result = W.result(merged)
             out.emit(topics.AGGREGATES, f"kecamatan|{kec}|{metric}|{start}", {
                 "scope": "kecamatan", "key": kec, "region": kec, "metric": metric,
-                "window_start": start, "window_end": start + self.size_ms, **W.result(merged),
+                "window_start": start, "window_end": start + self.size_ms, **result,
                 "final": False,
             })
+            if self.alerts is not None:
+                self.alerts.on_window(kec, metric, start, result, out)
+        if self.alerts is not None:
+            self.alerts.tick(self.watermark)
         self.drop_closed()
 
     def drop_closed(self) -> None:
@@ -82,6 +92,8 @@ class RegionMergePartition:
             "offset": self.offset, "watermark": self.watermark, "full": full,
             "m": [[k[0], k[1], k[2], self.state[k]] for k in keys if k in self.state],
         }
+        if self.alerts is not None:
+            payload["alerts"] = self.alerts.snapshot()
         self.dirty = set()
         return payload
 
@@ -90,5 +102,7 @@ class RegionMergePartition:
             self.state.clear()
         for kec, metric, start, sources in payload.get("m", ()):
             self.state[(kec, metric, start)] = {s: list(v) for s, v in sources.items()}
+        if self.alerts is not None and payload.get("alerts"):
+            self.alerts.restore(payload["alerts"])
         self.offset = int(payload["offset"])
         self.watermark = int(payload["watermark"])

@@ -196,7 +196,9 @@ class TelemetryPartition:
 
     def _emit_partial(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:
         kec, metric, start = key
-        out.emit(topics.REGION_PARTIALS, f"{kec}|{metric}|{start}", {
+        # keyed by kecamatan: all windows of a kecamatan meet in one merge partition (its aggregate alert rules
+        # need the windows of a whole `over`, e.g. an hour); each record replaces its own (window, source) slot
+        out.emit(topics.REGION_PARTIALS, kec, {
             "kecamatan": kec, "metric": metric, "window_start": start, "window_end": start + self.size_ms,
             "src": f"{self.source_topic}:{self.partition}", "state": list(state[: W.HEADER]),
             "watermark": self.watermark, "final": final,
