@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     # block for a full snapshot of a large state, so its session is longer than the sink's.
     worker_session_timeout_ms: int = Field(6000, ge=1000)
     region_retention_s: int = Field(3600, description="merged kecamatan windows are kept this long")
+    # Program indicators (docs/indicators.md): catalogue file (default: the shipped example), k of the
+    # small-cell suppression, how long past its period end a cell still takes late events, and how
+    # long an idle open entity (case, complaint, ...) is remembered by the indicator stage.
+    indicator_catalogue_file: Path | None = None
+    indicator_min_persons: int = Field(5, ge=1)
+    indicator_lateness_s: int = Field(8 * 86400, ge=0)
+    indicator_entity_retention_s: int = Field(90 * 86400, ge=0)
     log_json: bool = False
 
     # Alerts over HTTP (arus/routes/alerts.py): SSE heartbeat, and an optional outbound webhook that

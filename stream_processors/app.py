@@ -85,7 +85,9 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         factory=lambda p: _merge_partition(p),
         **common,  # type: ignore[arg-type]
     )
-    return [telemetry, region]
+    from .indicators.stage import indicator_runners  # program indicators (docs/indicators.md)
+
+    return [telemetry, region, *indicator_runners(settings, common)]
 
 
 async def _refresh_loop(registry: DeviceRegistry, stop: asyncio.Event) -> None:

@@ -1,0 +1,1 @@
+"""Program indicators: pure computation (compute.py) and the worker stage (stage.py)."""
