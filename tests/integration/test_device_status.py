@@ -175,3 +175,29 @@ def test_status_last_seen_silence_last_will_and_worker_errors(pipeline, mqtt_url
         cleaner.close()
     finally:
         errors.close()
+
+
+def test_sink_statements_keep_the_newest_status_and_observation(fresh_database_url):
+    from consumers.device_status_rows import convert
+
+    dsn = fresh_database_url
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        add_device(conn, "wl-order", "water_level", "35.09.01.2001")
+
+    def apply(**msg: Any) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for stmt, params in convert({"device_id": "wl-order", **msg}):
+                conn.execute(stmt, params)
+
+    t = 1_790_000_040_000
+    apply(status="online", reason="reading", time=t, last_seen=t - 100)
+    apply(status="offline", reason="silent", time=t + 5000, last_seen=t - 100)
+    apply(status="online", reason="reading", time=t + 1000, last_seen=t - 50)  # redelivered, older
+    row = pg_fetch(dsn, "SELECT status, status_reason, status_time, last_seen FROM devices"
+                        " WHERE device_id = 'wl-order'")[0]
+    start = datetime.fromtimestamp(t / 1000, UTC)
+    # the older transition does not override the status; its observation still counts for last_seen
+    assert row == ("offline", "silent", start + timedelta(seconds=5), start - timedelta(milliseconds=50))
+    apply(status="offline", reason="silent", time=t + 5000, last_seen=t - 100)  # exact replay: no change
+    assert pg_fetch(dsn, "SELECT status, status_reason, status_time, last_seen FROM devices"
+                         " WHERE device_id = 'wl-order'")[0] == row
