@@ -97,6 +97,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operators(args: argparse.Namespace) -> int:
+    from infra.operators import main as operators_main
+
+    return operators_main(_settings().database_dsn(), args.action, getattr(args, "name", None))
+
+
 def cmd_agencies(args: argparse.Namespace) -> int:
     from infra.agencies import main as agencies_main
 
@@ -156,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         dsub.add_parser(action).add_argument("device_id")
     dsub.add_parser("list")
     dev.set_defaults(func=cmd_devices)
+    ops = sub.add_parser("operators", help="operators who acknowledge/resolve alerts (bearer tokens)")
+    osub = ops.add_subparsers(dest="action", required=True)
+    osub.add_parser("add", help="add an operator; prints its token on the last line").add_argument("name")
+    osub.add_parser("revoke").add_argument("name")
+    osub.add_parser("list")
+    ops.set_defaults(func=cmd_operators)
     agencies = sub.add_parser("agencies", help="agency API keys for POST /v1/events")
     from infra.agencies import add_arguments as agencies_arguments
 

@@ -19,6 +19,7 @@ TOO_LATE = "too_late"
 DUPLICATE = "duplicate"
 TOPIC_MISMATCH = "topic_mismatch"
 PROCESSING_ERROR = "processing_error"
+WEBHOOK_FAILED = "webhook_failed"  # an alert notification the outbound webhook never accepted
 # agency service events (issue 4)
 INVALID_PMKS_CATEGORY = "invalid_pmks_category"
 INVALID_NIK = "invalid_nik"
