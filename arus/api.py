@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from arus.routes.alerts import routes as alerts_routes
 from arus.routes.console import routes as console_routes
 from arus.routes.devices import routes as devices_routes
+from arus.routes.indicators import routes as indicators_routes
+from arus.routes.public import routes as public_routes
 from arus.routes.regions import routes as regions_routes
 from arus.routes.series import routes as series_routes
 from infra.settings import Settings
@@ -44,6 +46,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     app.include_router(agency_router(settings, prom))
     app.include_router(devices_routes(settings))
+    app.include_router(indicators_routes(settings))  # GET /v1/indicators[/{id}] (issue 6)
+    app.include_router(public_routes(settings))  # /public transparency page (issue 6)
     app.include_router(series_routes(settings))
     app.include_router(regions_routes(settings))
     app.include_router(alerts_routes(settings))

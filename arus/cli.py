@@ -127,6 +127,12 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return check_main(args.file or (str(_settings().rules_file) if _settings().rules_file else None))
 
 
+def cmd_indicators(args: argparse.Namespace) -> int:
+    from arus.indicator_recompute import main as indicators_main
+
+    return indicators_main(_settings(), args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import main as bench_main
 
@@ -187,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("action", choices=["check"])
     rules.add_argument("file", nargs="?", help="rules YAML (see docs/alerts.md)")
     rules.set_defaults(func=cmd_rules)
+    ind = sub.add_parser("indicators", help="program indicators: recompute from stored events, check the catalogue")
+    from arus.indicator_recompute import add_arguments as indicator_arguments
+
+    indicator_arguments(ind)
+    ind.set_defaults(func=cmd_indicators)
     bench = sub.add_parser("bench", help="benchmarks of every stage (see bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
