@@ -533,6 +533,7 @@ def sink(ctx: Context) -> tuple[Figures, Details]:
             time.sleep(0.2)  # each scrape costs the sink a little CPU: 5 a second is plenty
         flush_mean = _hist_mean(page, "arus_sink_flush_seconds")
         batch_mean = _hist_mean(page, "arus_sink_batch_rows")
+        replays = metric(page, "arus_sink_errors_total", kind="replay_upsert")
         procs.stop(sk)
         profile = ctx.finish_profile(procs, prof, "sink")
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
@@ -555,6 +556,7 @@ def sink(ctx: Context) -> tuple[Figures, Details]:
     details = {
         "messages": s.sink_n, "rows": rows_expected, "rows_landed": landed_rows, "seconds": round(w.seconds, 2),
         "cpu_seconds": round(w.cpu, 2), "flush_seconds_mean": flush_mean, "rows_per_flush_mean": batch_mean,
+        "flushes_that_met_existing_rows": replays,
         "copy": {k: cp[k] for k in ("rows", "landed", "seconds", "rows_per_s", "cpu_seconds", "chunk")},
         "postgres_breakdown": cp.get("breakdown"),
         "sink_vs_copy": round(w.rate / cp["rows_per_s"], 2) if cp.get("rows_per_s") else None,

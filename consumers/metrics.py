@@ -28,7 +28,7 @@ class SinkMetrics:
             registry=registry,
         )
         self.errors = Counter(
-            "arus_sink_errors", "Errors by kind (db, commit, isolate)", ["kind"], registry=registry
+            "arus_sink_errors", "Errors by kind (db, commit, isolate; replay_upsert: readings already present, staged upsert used)", ["kind"], registry=registry
         )
         self.batch_rows = Histogram(
             "arus_sink_batch_rows", "Rows per flush", buckets=_BATCH_BUCKETS, registry=registry

@@ -99,13 +99,6 @@ INSERT_READINGS = sql.SQL(
     " ON CONFLICT (device_id, metric, time) DO NOTHING"
 ).format(cols=_R_COLS)
 
-# greatest(): replays and late data carry older times and must not move last_seen back.
-UPDATE_LAST_SEEN = sql.SQL(
-    "UPDATE devices d SET last_seen = x.t"
-    " FROM (SELECT device_id, max(time) AS t FROM sink_stage_readings GROUP BY device_id) x"
-    " WHERE d.device_id = x.device_id AND (d.last_seen IS NULL OR d.last_seen < x.t)"
-)
-
 _A_STATE = [c for c in AGGREGATES_COLUMNS if c not in ("scope", "key", "metric", "bucket")]
 _A_COLS = _column_list(AGGREGATES_COLUMNS)
 # The message is the window's full state: the newest one replaces the row. The WHERE skips rows
@@ -139,19 +132,60 @@ async def _copy_rows(cur: psycopg.AsyncCursor[Any], table: str, rows: Sequence[t
             await write_row(row)
 
 
+# The fast path: readings COPYed straight into the table inside a savepoint. A replay (a crash
+# between the database commit and the offset commit, or a worker re-emitting after its own crash)
+# meets the primary key and falls back to the staged upsert, which skips what is already there.
+# Measured (bench sink stage): COPY into the indexed table ~200k rows/s vs ~110k for the
+# INSERT ... SELECT ... ON CONFLICT from staging.
+COPY_READINGS = sql.SQL("COPY readings ({}) FROM STDIN (FORMAT BINARY)").format(_R_COLS)
+# greatest(): replays and late data carry older times and must not move last_seen back.
+UPDATE_LAST_SEEN_FROM_ARRAYS = sql.SQL(
+    "UPDATE devices d SET last_seen = x.t"
+    " FROM unnest(%s::text[], %s::timestamptz[]) AS x(device_id, t)"
+    " WHERE d.device_id = x.device_id AND (d.last_seen IS NULL OR d.last_seen < x.t)"
+)
+
+
+def _last_seen(readings: Sequence[ReadingRow]) -> tuple[list[str], list[Any]]:
+    latest: dict[str, Any] = {}
+    get = latest.get
+    for row in readings:
+        t, device = row[0], row[1]
+        seen = get(device)
+        if seen is None or t > seen:
+            latest[device] = t
+    return list(latest), list(latest.values())
+
+
+async def _copy_readings_direct(cur: psycopg.AsyncCursor[Any], readings: Sequence[ReadingRow]) -> bool:
+    """COPY into readings in a savepoint; False (and nothing written) when a row already exists."""
+    try:
+        async with cur.connection.transaction():
+            async with cur.copy(COPY_READINGS) as copy:
+                copy.set_types(list(READINGS_TYPES))
+                write_row = copy.write_row
+                for row in readings:
+                    await write_row(row)
+    except psycopg.errors.UniqueViolation:
+        return False
+    return True
+
+
 async def write_batch(
     conn: psycopg.AsyncConnection[Any],
     readings: Sequence[ReadingRow],
     aggregates: Sequence[AggregateRow],
     dead_letters: Sequence[DeadLetterRow],
-) -> None:
-    """Write rows idempotently, in one transaction (the flush core).
+) -> bool:
+    """Write rows idempotently, in one transaction (the flush core). Returns False when the readings
+    had to take the staged upsert (some already existed: a replay).
 
     `conn` must not be inside a transaction (autocommit, or idle). Aggregates are reduced to the
     last state per key first, so callers may pass several states of one window.
     """
+    direct = True
     if not (readings or aggregates or dead_letters):
-        return
+        return direct
     aggregates = dedupe_aggregates(list(aggregates))
     created = False
     # Round trips matter more than statement count here (the sink interleaves them with its own
@@ -162,17 +196,23 @@ async def write_batch(
             await cur.execute(sql.SQL("; ").join(_staging_ddl()))
             created = True
         if readings:
-            await _copy_rows(cur, "readings", readings)
-            statements += [INSERT_READINGS, UPDATE_LAST_SEEN]
+            if not await _copy_readings_direct(cur, readings):
+                direct = False
+                await _copy_rows(cur, "readings", readings)
+                statements.append(INSERT_READINGS)
+            devices, times = _last_seen(readings)
+            await cur.execute(UPDATE_LAST_SEEN_FROM_ARRAYS, (devices, times))
         if aggregates:
             await _copy_rows(cur, "aggregates", aggregates)
             statements.append(INSERT_AGGREGATES)
         if dead_letters:
             await _copy_rows(cur, "dead_letters", dead_letters)
             statements.append(INSERT_DEAD_LETTERS)
-        await cur.execute(sql.SQL("; ").join(statements))
+        if statements:
+            await cur.execute(sql.SQL("; ").join(statements))
     if created:
         _staged.add(conn)
+    return direct
 
 
 RAW_SCRATCH = "sink_raw_scratch"
@@ -411,7 +451,8 @@ class Sink:
         while True:
             try:
                 conn = await self._connection()
-                await write_batch(conn, batch.readings, batch.aggregate_rows(), batch.dead_letters)
+                if not await write_batch(conn, batch.readings, batch.aggregate_rows(), batch.dead_letters):
+                    self.metrics.errors.labels("replay_upsert").inc()
             except Exception as exc:  # noqa: BLE001 - classify every failure; never crash the loop
                 if is_data_error(exc):
                     return exc
