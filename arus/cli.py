@@ -18,7 +18,7 @@ def _settings() -> Settings:
 def cmd_up(args: argparse.Namespace) -> int:
     from arus.supervisor import run_up
 
-    return run_up(_settings(), simulate=args.simulate, simulate_rate=args.rate)
+    return run_up(_settings(), simulate=args.simulate, simulate_rate=args.rate, agency_rate=args.agency_rate)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -58,11 +58,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from producers.agency_simulator import start_in_thread
     from producers.simulator import run_simulator
 
-    result = run_simulator(_settings(), rate=args.rate, duration=args.duration,
-                           devices_per_kecamatan=args.devices_per_kecamatan, seed=args.seed)
-    print(result)
+    settings = _settings()
+    # agency systems producing service events straight to Kafka, beside the devices (MQTT)
+    agency = start_in_thread(settings, args.agency_rate, args.duration, args.seed) if args.agency_rate > 0 else None
+    try:
+        result = run_simulator(settings, rate=args.rate, duration=args.duration,
+                               devices_per_kecamatan=args.devices_per_kecamatan, seed=args.seed)
+    finally:
+        if agency is not None:
+            agency[1].set()
+            agency[0].join(timeout=30)
+    print({**result, **(agency[2] if agency is not None else {})})
     return 0
 
 
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the whole stack (embedded services where no URL is set)")
     up.add_argument("--simulate", action="store_true", help="also run the Jember simulator")
     up.add_argument("--rate", type=int, default=200, help="simulator messages per second")
+    up.add_argument("--agency-rate", type=float, default=30.0, help="simulated agency service events per minute")
     up.set_defaults(func=cmd_up)
     for name, func, text in [("worker", cmd_worker, "run the stream processor"),
                              ("gateway", cmd_gateway, "run the MQTT -> Kafka gateway"),
@@ -157,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=60.0, help="seconds; 0 runs forever")
     sim.add_argument("--devices-per-kecamatan", type=int, default=3)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--agency-rate", type=float, default=30.0,
+                     help="agency service events per minute (weekly mean, WIB office hours/evenings); 0: none")
     sim.set_defaults(func=cmd_simulate)
     dev = sub.add_parser("devices", help="the device registry")
     dsub = dev.add_subparsers(dest="action", required=True)

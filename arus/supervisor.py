@@ -75,6 +75,7 @@ class Supervisor:
     settings: Settings
     simulate: bool = False
     simulate_rate: int = 200
+    agency_rate: float = 30.0  # simulated agency service events per minute
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     components: dict[str, Component] = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
@@ -159,6 +160,7 @@ class Supervisor:
             self.children["simulate"] = Child(
                 "simulate",
                 [sys.executable, "-m", "arus.cli", "simulate", "--rate", str(self.simulate_rate),
+                 "--agency-rate", str(self.agency_rate),
                  "--duration", "0"],
                 logs / "simulate.log",
             )
@@ -323,10 +325,10 @@ class Supervisor:
         return code
 
 
-def run_up(settings: Settings, simulate: bool, simulate_rate: int = 200) -> int:
+def run_up(settings: Settings, simulate: bool, simulate_rate: int = 200, agency_rate: float = 30.0) -> int:
     """`arus up`: returns the exit code (0 after Ctrl-C/SIGTERM, 1 when the stack cannot start)."""
     try:
-        return Supervisor(settings, simulate=simulate, simulate_rate=simulate_rate).run()
+        return Supervisor(settings, simulate=simulate, simulate_rate=simulate_rate, agency_rate=agency_rate).run()
     except EmbeddedServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

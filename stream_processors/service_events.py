@@ -51,6 +51,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -76,10 +77,15 @@ Listener = Callable[[Any, Outputs], None]  # (ServiceEvent, Outputs)
 
 def wib_day(time_ms: int) -> str:
     """The Asia/Jakarta calendar day (YYYY-MM-DD) of an epoch-ms instant."""
-    day = (time_ms + WIB_OFFSET_MS) // DAY_MS
+    return _day_name((time_ms + WIB_OFFSET_MS) // DAY_MS)
+
+
+@lru_cache(maxsize=4096)
+def _day_name(day: int) -> str:
     return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%d")
 
 
+@lru_cache(maxsize=4096)
 def wib_day_end_ms(day: str) -> int:
     start = int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp() * 1000) - WIB_OFFSET_MS
     return start + DAY_MS

@@ -130,7 +130,8 @@ def test_job_follows_new_and_updated_windows(fresh_database_url: str) -> None:
         lag = pg_scalar(dsn, "SELECT now() - watermark FROM rollup_state WHERE name = 'rollups'")
         assert timedelta(seconds=29) <= lag < timedelta(minutes=11)
     finally:
-        job._conn and job._conn.close()
+        if job._conn is not None:
+            job._conn.close()
 
 
 def test_retention_deletes_only_rows_past_their_table_age(fresh_database_url: str) -> None:
@@ -189,7 +190,8 @@ def test_timescale_path(empty_db: str) -> None:
     try:
         assert job.tick() == "timescale"
     finally:
-        job._conn and job._conn.close()
+        if job._conn is not None:
+            job._conn.close()
     assert pg_fetch(empty_db, HOURLY) == pg_fetch(empty_db, HOURLY_TRUTH)
     assert pg_scalar(empty_db, "SELECT (config->>'drop_after')::interval FROM timescaledb_information.jobs"
                                " WHERE proc_name = 'policy_retention' AND hypertable_name = 'readings'") \
