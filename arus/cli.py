@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from infra.logs import setup_logging
 from infra.settings import Settings
@@ -124,6 +125,17 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
     return import_main(_settings(), args)
 
 
+def cmd_mqtt_auth(args: argparse.Namespace) -> int:
+    from infra.mqtt_auth import run_cli
+
+    settings = _settings()
+    owner = tuple(int(x) for x in args.owner.split(":")) if args.owner else None
+    return run_cli(settings.database_dsn(), settings.mqtt_url, args.out, watch_changes=args.watch,
+                   interval=args.interval, signal_pids=args.signal_pid or [], pid_file=args.pid_file,
+                   process_name=args.signal_process, mode=int(args.mode, 8),
+                   owner=(owner[0], owner[1]) if owner else None)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from arus.dlq import main as dlq_main
 
@@ -196,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_arguments(imp)
     imp.set_defaults(func=cmd_import_csv)
+    ma = sub.add_parser("mqtt-auth", help="write the MQTT broker's password file and ACL from the registry")
+    ma.add_argument("--out", type=Path, required=True, help="directory of passwd and acl")
+    ma.add_argument("--watch", action="store_true", help="keep them current; reload the broker on change")
+    ma.add_argument("--interval", type=float, default=1.0, help="seconds between registry checks")
+    ma.add_argument("--signal-pid", type=int, action="append", help="SIGHUP this pid after a change")
+    ma.add_argument("--pid-file", type=Path, help="SIGHUP the pid in this file after a change")
+    ma.add_argument("--signal-process", help="SIGHUP processes with this name (e.g. mosquitto)")
+    ma.add_argument("--mode", default="600", help="file mode, octal (640: group-readable)")
+    ma.add_argument("--owner", help="UID:GID of the files (the broker's user)")
+    ma.set_defaults(func=cmd_mqtt_auth)
     dlq = sub.add_parser("dlq", help="dead letters: list, replay after a fix")
     from arus.dlq import add_arguments as dlq_arguments
 
