@@ -10,6 +10,7 @@ them down with it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -23,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from infra import embedded
+from infra import embedded, mqtt_auth
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from infra.topics import all_topics
@@ -39,6 +40,8 @@ CHILD_STOP_TIMEOUT = 15.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STABLE_AFTER = 30.0  # a child that ran this long gets its backoff reset
 HEALTH_TIMEOUT = 90.0
+AUTH_SYNC_INTERVAL = 1.0  # how often the registry is checked for device changes (add/revoke/rotate)
+AUTH_FULL_SYNC_INTERVAL = 60.0
 
 
 class _Stop(Exception):
@@ -68,6 +71,7 @@ class Component:
     backoff: float = BACKOFF_MIN
     next_start: float = 0.0
     restarts: int = 0
+    child_url: str | None = None  # what the children get (the MQTT URL with the gateway's login)
 
 
 @dataclass
@@ -83,6 +87,11 @@ class Supervisor:
     _starting: bool = True
     _signals: int = 0
     _lock: IO[bytes] | None = None
+    _auth: mqtt_auth.AuthSync | None = None
+    _auth_conn: Any = None
+    _gateway_login: tuple[str, str] = ("", "")
+    _next_auth_sync: float = 0.0
+    _next_full_auth_sync: float = 0.0
 
     # ----------------------------------------------------------------- helpers
 
@@ -117,19 +126,83 @@ class Supervisor:
             ("mqtt", "MQTT", s.mqtt_url, 1883),
         ]
         for kind, label, url, port in plan:
+            auth = None
+            if kind == "mqtt":
+                # The device registry is needed first: an embedded broker starts with its auth files.
+                self.migrate()
+                auth = self.prepare_mqtt_auth(url)
             t0 = time.monotonic()
-            resolved, svc = embedded.resolve_or_start(url, kind, self.data_dir, preferred_port=port)
+            resolved, svc = embedded.resolve_or_start(url, kind, self.data_dir, preferred_port=port,
+                                                      mqtt_auth=auth)
             self.components[kind] = Component(kind, label, resolved, svc)
             if svc is not None:
                 self.say(f"  started {svc.name:<10} {_mask(resolved):<45} in {time.monotonic() - t0:.2f}s")
             else:
                 self.say(f"  using   {label:<10} {_mask(resolved)}")
+        self.finish_mqtt_auth()
 
-    def prepare(self) -> None:
+    def migrate(self) -> None:
         from infra.db import migrate  # the migration runner (infra/db.py)
 
         applied = migrate(self.components["postgres"].url)
         self.say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
+
+    def prepare_mqtt_auth(self, url: str | None) -> tuple[Path, Path]:
+        """The password file and ACL an embedded broker starts with: every active device of the
+        registry, plus the gateway's account (the credentials in ARUS_MQTT_URL when it has some,
+        else `arus-gateway` with a random secret kept in DATA_DIR/mqtt/gateway.secret, mode 0600)."""
+        user, password = mqtt_auth.url_credentials(url)
+        if user is None or password is None:
+            user = mqtt_auth.GATEWAY_USER
+            password = mqtt_auth.load_or_create_secret(self.data_dir / "mqtt" / "gateway.secret")
+        self._gateway_login = (user, password)
+        auth_dir = self.data_dir / "mqtt" / "auth"
+        self._auth = mqtt_auth.AuthSync(auth_dir, [mqtt_auth.gateway_account(user, password)],
+                                        reload=self._reload_mqtt)
+        self._auth_conn = None
+        self.sync_mqtt_auth(force=True)
+        return auth_dir / mqtt_auth.PASSWD_NAME, auth_dir / mqtt_auth.ACL_NAME
+
+    def finish_mqtt_auth(self) -> None:
+        comp = self.components["mqtt"]
+        if comp.service is None:
+            self._auth = None  # an external broker: its own administration (e.g. `arus mqtt-auth`)
+            comp.child_url = comp.url
+            return
+        user, password = self._gateway_login
+        comp.child_url = mqtt_auth.with_credentials(comp.url, user, password)
+        files = self._auth.last if self._auth else None
+        if files is not None:
+            self.say(f"  mqtt auth: {files.devices} device(s) + gateway user {user!r}; anonymous refused "
+                     f"({self._auth.out_dir if self._auth else ''}, reloaded when the registry changes)")
+
+    def _reload_mqtt(self) -> None:
+        comp = self.components.get("mqtt")
+        if comp is not None and comp.service is not None:
+            embedded.reload_mqtt(comp.service)
+
+    def sync_mqtt_auth(self, force: bool = False, regenerate: bool = False) -> None:
+        """Regenerate the broker's files when the registry changed (cheap otherwise). `force`: at
+        start, where a failure is fatal; later failures are logged and retried."""
+        if self._auth is None:
+            return
+        import psycopg
+
+        try:
+            if self._auth_conn is None:
+                self._auth_conn = psycopg.connect(self.components["postgres"].url, autocommit=True,
+                                                  connect_timeout=5)
+            self._auth.sync(self._auth_conn, force=force or regenerate)
+        except (psycopg.Error, OSError) as e:
+            if force:
+                raise EmbeddedServiceError(f"cannot generate the MQTT password file: {e}") from e
+            log.warning("mqtt auth sync failed (%s); retrying", e)
+            if self._auth_conn is not None:
+                with contextlib.suppress(Exception):
+                    self._auth_conn.close()
+            self._auth_conn = None
+
+    def prepare(self) -> None:
         self.ensure_topics()
 
     def ensure_topics(self) -> None:
@@ -143,7 +216,7 @@ class Supervisor:
         env.update({
             "ARUS_KAFKA_BOOTSTRAP": self.components["kafka"].url,
             "ARUS_DATABASE_URL": self.components["postgres"].url,
-            "ARUS_MQTT_URL": self.components["mqtt"].url,
+            "ARUS_MQTT_URL": self.components["mqtt"].child_url or self.components["mqtt"].url,
             "ARUS_DATA_DIR": str(self.data_dir),
             "ARUS_HTTP_PORT": str(self.settings.http_port),
             "ARUS_TOPIC_PREFIX": self.settings.topic_prefix,
@@ -267,6 +340,9 @@ class Supervisor:
         for proc in procs:
             embedded.stop_process(proc, timeout=max(0.1, deadline - time.monotonic()))
         # Producers of load first, the database last: nothing writes to a stopped store.
+        if self._auth_conn is not None:
+            with contextlib.suppress(Exception):
+                self._auth_conn.close()
         for kind in ("mqtt", "kafka", "postgres"):
             comp = self.components.get(kind)
             if comp is not None and comp.service is not None:
@@ -309,6 +385,12 @@ class Supervisor:
                 now = time.monotonic()
                 self.check_components(now)
                 self.check_children(now)
+                if now >= self._next_auth_sync:
+                    self._next_auth_sync = now + AUTH_SYNC_INTERVAL
+                    full = now >= self._next_full_auth_sync  # a safety net under the fingerprint
+                    if full:
+                        self._next_full_auth_sync = now + AUTH_FULL_SYNC_INTERVAL
+                    self.sync_mqtt_auth(regenerate=full)
                 if not healthy_reported and self.api_healthy():
                     healthy_reported = True
                     self.say(f"ready: open http://127.0.0.1:{self.settings.http_port}/")

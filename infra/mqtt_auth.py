@@ -309,7 +309,7 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600, owner: tuple[int, 
             if owner is not None or (path.stat().st_mode & 0o777) != mode:
                 _set_mode(path, mode, owner)
             return False
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (FileNotFoundError, PermissionError, UnicodeDecodeError):
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -334,9 +334,9 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600, owner: tuple[int, 
 
 
 def _set_mode(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
+    os.chmod(path, mode)  # first, while we still own it (no CAP_FOWNER needed)
     if owner is not None:
         os.chown(path, owner[0], owner[1])
-    os.chmod(path, mode)
 
 
 def write_auth_files(

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -301,6 +302,69 @@ def register_devices(dsn: str, devices: list[SimDevice]) -> int:
     return added
 
 
+CREDENTIALS_FILE = "simulator/credentials.json"
+
+
+def issue_credentials(dsn: str, devices: list[SimDevice], store: Path) -> tuple[dict[str, str], int]:
+    """Each simulated device is a registered device with credentials of its own, kept in `store`
+    (JSON, mode 0600) because the registry holds only hashes. Returns ({device id: secret}, how many
+    were newly registered).
+
+    - not in the registry: registered, its secret kept;
+    - in the registry with a secret in `store` that matches: used as is (a re-run rotates nothing);
+    - in the registry with a hash from before broker auth (`pbkdf2_sha256$`, cannot log in anyway):
+      rotated, the new secret kept;
+    - otherwise (revoked, or a secret the simulator does not hold: someone else's device, or one an
+      operator rotated): left out, never rotated, so a real device is never locked out.
+    """
+    import json
+
+    import psycopg
+
+    from infra.devices import add_device, rotate_secret, verify_secret
+    from infra.mqtt_auth import is_broker_hash
+
+    try:
+        kept: dict[str, str] = json.loads(store.read_text())
+    except (FileNotFoundError, ValueError):
+        kept = {}
+    ids = [d.device_id for d in devices]
+    out: dict[str, str] = {}
+    added = 0
+    skipped = []
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT device_id, secret_hash, revoked_at IS NOT NULL FROM devices"
+                            " WHERE device_id = ANY(%s)", (ids,)).fetchall()
+        known = {r[0]: (r[1], r[2]) for r in rows}
+        for device in devices:
+            if device.device_id not in known:
+                out[device.device_id] = add_device(conn, device.device_id, device.kind, device.region_code)
+                added += 1
+                continue
+            stored, revoked = known[device.device_id]
+            secret = kept.get(device.device_id)
+            if revoked:
+                skipped.append(device.device_id)
+            elif secret is not None and verify_secret(secret, stored):
+                out[device.device_id] = secret
+            elif not is_broker_hash(stored):
+                out[device.device_id] = rotate_secret(conn, device.device_id)
+            else:
+                skipped.append(device.device_id)
+        # Kept before the registry commits: a crash in between leaves secrets nobody uses, never
+        # registered devices whose secrets are lost.
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**kept, **out}, f, indent=0, sort_keys=True)
+        os.chmod(store, 0o600)
+        conn.commit()
+    if skipped:
+        log.warning("%d simulated device id(s) left out: revoked, or registered with a secret the simulator "
+                    "does not hold (%s): %s", len(skipped), store, ", ".join(skipped[:10]))
+    return out, added
+
+
 def telemetry_payload(device: SimDevice, now_ms: int, seq: int, values: dict[str, float]) -> bytes:
     if device.epoch_ts:
         ts: Any = now_ms
@@ -393,6 +457,173 @@ def _announce(topic: str) -> Callable[..., None]:
     return on_connect
 
 
+class _DeviceLinks:
+    """One MQTT connection per device, logged in with the device's own id and secret: the broker
+    lets a device publish only under its own topics. Each connection also carries the device's
+    retained `online` status and `offline` last will.
+
+    One thread does all network I/O for all of them (poll() over their sockets); `publish` only
+    queues (paho's socket-register-write hook wakes the thread), so no socket is written by two
+    threads. A refused or lost connection is retried every second (a rotated secret becomes valid
+    when the broker reloads its password file).
+    """
+
+    RETRY_S = 1.0
+
+    def __init__(
+        self, target: MqttTarget, devices: list[SimDevice], secrets: dict[str, str], tag: str,
+        presence: bool = True,
+    ) -> None:
+        self.devices = devices
+        self.presence = presence
+        self._status_mids: set[int] = set()  # acks of status messages are not telemetry acks
+        self._refused: list[str] = []  # reported in summary: right after a rotation, until the broker reloads
+        self.clients: list[FastClient] = []
+        self.published = 0
+        self.acked = 0
+        self._connected: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for i, device in enumerate(devices):
+            login = MqttTarget(target.host, target.port, device.device_id, secrets[device.device_id], target.tls)
+            client = make_mqtt_client(login, f"{tag}-{device.device_id}"[:64], clean_session=True)
+            client.max_inflight_messages_set(0)
+            client.max_queued_messages_set(0)
+            status = f"jember/v1/{device.device_id}/status"
+            if presence:
+                client.will_set(status, "offline", qos=1, retain=True)
+            client.on_connect = self._on_connect_for(i, status)
+            client.on_disconnect = self._on_disconnect_for(i)
+            client.on_publish = self._on_publish
+            client.on_socket_register_write = self._wake
+            client.connect_async(target.host, target.port, keepalive=60)  # connects in start()
+            self.clients.append(client)
+        self._thread = threading.Thread(target=self._run, name="sim-devices", daemon=True)
+
+    def _on_connect_for(self, i: int, status: str) -> Callable[..., None]:
+        def on_connect(client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                self._refused.append(f"{self.devices[i].device_id} ({reason})")
+                return
+            with self._lock:
+                self._connected.add(i)
+                if self.presence:  # in the I/O thread: its ack cannot be read before the mid is noted
+                    self._status_mids.add(client.publish(status, "online", qos=1, retain=True).mid)
+        return on_connect
+
+    def _on_disconnect_for(self, i: int) -> Callable[..., None]:
+        def on_disconnect(*_a: Any) -> None:
+            with self._lock:
+                self._connected.discard(i)
+        return on_disconnect
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, *_args: Any) -> None:
+        with self._lock:
+            if mid in self._status_mids:
+                self._status_mids.discard(mid)
+                return
+        self.acked += 1
+
+    def _wake(self, *_args: Any) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def connected(self) -> int:
+        with self._lock:
+            return len(self._connected)
+
+    @property
+    def outstanding(self) -> int:
+        return self.published - self.acked
+
+    def start(self, wait_s: float = 30.0) -> None:
+        for client in self.clients:
+            self._connect(client)
+        self._thread.start()
+        deadline = time.monotonic() + wait_s
+        while self.connected() < len(self.clients) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.connected() < len(self.clients):
+            log.warning("%d of %d device connections are up after %.0fs; the others keep retrying",
+                        self.connected(), len(self.clients), wait_s)
+
+    @staticmethod
+    def _connect(client: FastClient) -> None:
+        try:
+            client.reconnect()  # host, port and keepalive were set by connect_async
+        except OSError as exc:
+            log.debug("connection failed: %s", exc)
+
+    def publish(self, i: int, topic: str, payload: bytes) -> None:
+        self.clients[i].publish(topic, payload, qos=1)
+        self.published += 1
+
+    def _run(self) -> None:
+        last_misc = 0.0
+        last_retry = time.monotonic()
+        while not self._stop.is_set():
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            by_fd: dict[int, FastClient] = {}
+            for client in self.clients:
+                sock = client.socket()
+                if sock is None:
+                    continue
+                fd = sock.fileno()
+                by_fd[fd] = client
+                poller.register(fd, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
+            for fd, events in poller.poll(10):
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.read(self._wake_r, 65536)
+                    continue
+                client = by_fd[fd]
+                if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    client.loop_read()
+                if events & select.POLLOUT and client.socket() is not None:
+                    client.loop_write()
+            now = time.monotonic()
+            if now - last_misc >= 1.0:
+                last_misc = now
+                for client in self.clients:
+                    client.loop_misc()  # keepalive pings
+            if now - last_retry >= self.RETRY_S:
+                last_retry = now
+                if self._refused:
+                    refused, self._refused = self._refused, []
+                    log.info("broker refused %d device login(s), retrying every %.0fs (new credentials are "
+                             "valid once the broker reloads its password file): %s", len(refused),
+                             self.RETRY_S, ", ".join(refused[:5]))
+                for client in self.clients:
+                    if client.socket() is None:
+                        self._connect(client)
+
+    def close(self, timeout: float) -> None:
+        """Wait for outstanding acks, say `offline` (retained) for every device, disconnect."""
+        deadline = time.monotonic() + timeout
+        while self.outstanding > 0 and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        acked = self.acked
+        for device, client in zip(self.devices, self.clients, strict=True):
+            if client.socket() is not None:
+                if self.presence:
+                    client.publish(f"jember/v1/{device.device_id}/status", "offline", qos=1, retain=True)
+                client.disconnect()
+        deadline = time.monotonic() + 2
+        while any(c.socket() is not None and c.want_write() for c in self.clients) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.acked = acked  # telemetry only
+
+
 class _Conn:
     """A shared telemetry connection with a count of unacknowledged publishes (backpressure)."""
 
@@ -479,20 +710,33 @@ class _StopLike(Protocol):
 
 
 def _publish(
-    target: MqttTarget, devices: list[SimDevice], rate: float, total: float, tag: str, stop: _StopLike
+    target: MqttTarget, devices: list[SimDevice], rate: float, total: float, tag: str, stop: _StopLike,
+    secrets: dict[str, str] | None = None, presence: bool = True,
 ) -> dict[str, Any]:
-    """Publish telemetry of `devices`, round robin, `total` messages at `rate`/s (this process)."""
-    n_conn = max(1, min(4, math.ceil(rate / 5000)))
-    conns = [_Conn(target, f"{tag}-{i}") for i in range(n_conn)]
+    """Publish telemetry of `devices`, round robin, `total` messages at `rate`/s (this process).
+
+    With `secrets` (device id -> secret) every device publishes over its own logged-in connection
+    (which also carries its status); without, over a few shared connections with the login of
+    ARUS_MQTT_URL (a broker without per-device auth)."""
+    conns: list[_Conn] = []
+    links: _DeviceLinks | None = None
+    if secrets is not None:
+        links = _DeviceLinks(target, devices, secrets, tag, presence)
+        links.start()
+        n_conn = 1
+    else:
+        n_conn = max(1, min(4, math.ceil(rate / 5000)))
+        conns = [_Conn(target, f"{tag}-{i}") for i in range(n_conn)]
+        for conn in conns:
+            if not conn.connected.wait(30):
+                log.warning("MQTT %s:%d not reachable yet; messages queue until it is", target.host, target.port)
+                break
+    sources: list[_Conn | _DeviceLinks] = [links] if links is not None else list(conns)
     topics = [f"jember/v1/{d.device_id}/telemetry" for d in devices]
     seqs = [0] * len(devices)
     cache: list[tuple[int, dict[str, float]]] = [(-1, {})] * len(devices)
     published = 0
     throttled = 0.0
-    for conn in conns:
-        if not conn.connected.wait(30):
-            log.warning("MQTT %s:%d not reachable yet; messages queue until it is", target.host, target.port)
-            break
     pacer = Pacer(rate, total, sleep=stop.wait, stopped=stop.is_set)
     try:
         while True:
@@ -508,28 +752,32 @@ def _publish(
                 if cached_second != second:  # values change by the second: one model run per device per s
                     values = reading_for(device, second)
                     cache[i] = (second, values)
-                conns[i % n_conn].publish(topics[i], telemetry_payload(device, now_ms, seqs[i], values))
+                payload = telemetry_payload(device, now_ms, seqs[i], values)
+                if links is not None:
+                    links.publish(i, topics[i], payload)
+                else:
+                    conns[i % n_conn].publish(topics[i], payload)
                 seqs[i] += 1
                 published += 1
-            while any(c.outstanding > MAX_OUTSTANDING for c in conns) and not stop.is_set():
+            while any(c.outstanding > MAX_OUTSTANDING for c in sources) and not stop.is_set():
                 stop.wait(0.002)  # the broker is slower than the rate: wait rather than queue
                 throttled += 0.002
     finally:
         elapsed = time.monotonic() - pacer.start
-        for conn in conns:
-            conn.close(timeout=10)
-    return {"published": published, "acknowledged": sum(c.acked for c in conns),
+        for source in sources:
+            source.close(timeout=10)
+    return {"published": published, "acknowledged": sum(c.acked for c in sources),
             "elapsed_s": elapsed, "throttled_s": throttled}
 
 
 def _worker_main(
     target: MqttTarget, devices: list[SimDevice], rate: float, total: float, tag: str,
-    stop: _StopLike, results: Any,
+    stop: _StopLike, results: Any, secrets: dict[str, str] | None = None, presence: bool = True,
 ) -> None:
     """Entry point of a publishing child process (rates beyond what one Python process sends)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    results.put(_publish(target, devices, rate, total, tag, stop))
+    results.put(_publish(target, devices, rate, total, tag, stop, secrets, presence))
 
 
 def run_simulator(
@@ -541,6 +789,7 @@ def run_simulator(
     *,
     presence: bool = True,
     processes: int | None = None,
+    per_device_credentials: bool = True,
 ) -> dict[str, Any]:
     """Publish `rate` telemetry messages/s in total for `duration` s (0: until SIGINT/SIGTERM).
 
@@ -551,12 +800,25 @@ def run_simulator(
         raise ValueError("rate must be > 0")
     devices = plan_devices(devices_per_kecamatan, seed)
     registered = 0
-    if settings.database_url is not None:
+    secrets: dict[str, str] | None = None
+    if settings.database_url is not None and per_device_credentials:
+        try:
+            store = Path(settings.data_dir).absolute() / CREDENTIALS_FILE
+            secrets, registered = issue_credentials(settings.database_dsn(), devices, store)
+            planned = len(devices)
+            devices = [d for d in devices if d.device_id in secrets]
+            log.info("%d of %d simulated devices publish with their own credentials (%d newly registered)",
+                     len(devices), planned, registered)
+        except Exception as exc:  # noqa: BLE001 - a simulator still publishes without a registry
+            log.warning("could not issue device credentials (%s); publishing with ARUS_MQTT_URL's login", exc)
+    elif settings.database_url is not None:
         try:
             registered = register_devices(settings.database_dsn(), devices)
             log.info("registered %d new devices (%d planned)", registered, len(devices))
         except Exception as exc:  # noqa: BLE001 - a simulator still publishes without a registry
             log.warning("could not register devices (%s); publishing anyway", exc)
+    if not devices:
+        raise ValueError("every simulated device is revoked")
     target = parse_mqtt_url(settings.mqtt_url)
     if processes is None:
         processes = max(1, min(os.cpu_count() or 1, math.ceil(rate / 10_000)))
@@ -571,20 +833,24 @@ def run_simulator(
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
 
     tag = f"arus-sim-{_salt(str(time.time_ns())) % 100000:05d}"
-    pres = _Presence(target, devices, tag) if presence else None
+    # With per-device logins each device's own connection carries its status (a will speaks only
+    # for its own connection, and the broker lets a device write only its own topics).
+    pres = _Presence(target, devices, tag) if presence and secrets is None else None
     started = time.monotonic()
     try:
         if pres is not None:
             pres.start()
         if processes == 1:
-            parts = [_publish(target, devices, rate, total, tag, stop)]
+            parts = [_publish(target, devices, rate, total, tag, stop, secrets, presence)]
         else:
             results = ctx.Queue()
             children = [
                 ctx.Process(
                     target=_worker_main, name=f"sim-publisher-{k}", daemon=True,
                     args=(target, devices[k::processes], rate / processes,
-                          total / processes if total != math.inf else math.inf, f"{tag}-p{k}", stop, results),
+                          total / processes if total != math.inf else math.inf, f"{tag}-p{k}", stop, results,
+                          {d.device_id: secrets[d.device_id] for d in devices[k::processes]} if secrets else None,
+                          presence),
                 )
                 for k in range(processes)
             ]

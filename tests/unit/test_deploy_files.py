@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from arus.cli import build_parser
-from infra import embedded
+from infra import embedded, mqtt_auth
 from infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ SERVICE_KEYS = {
     "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
     "depends_on", "healthcheck", "restart", "stop_grace_period", "stop_signal", "logging", "hostname",
     "networks", "user", "working_dir", "shm_size", "ulimits", "deploy", "labels", "init", "read_only",
-    "tmpfs", "cap_drop", "cap_add", "security_opt", "extra_hosts", "profiles", "secrets", "configs",
+    "tmpfs", "cap_drop", "cap_add", "security_opt", "extra_hosts", "profiles", "secrets", "configs", "pid",
 }
 HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval", "disable"}
 
@@ -364,9 +364,33 @@ def test_mosquitto_conf_requires_auth_and_a_large_inflight_window(services: dict
     for key in ("password_file", "acl_file", "persistence_location"):
         path = settings[key]
         assert any(path.startswith(target.rstrip("/") + "/") for target in mounts), f"{key} {path} is not mounted"
-    # The generated auth files reach mosquitto through a volume the device tooling writes.
+    # The generated auth files reach mosquitto through a volume the mqtt-auth sidecar writes.
     auth_volume = mounts["/mosquitto/auth"]
-    assert auth_volume in {s for s, _ in bind_mounts(services["api"])}
+    assert auth_volume in {s for s, _ in bind_mounts(services["mqtt-auth"])}
+
+
+def test_mqtt_auth_sidecar_writes_mosquittos_files_and_reloads_it(services: dict[str, dict[str, Any]]) -> None:
+    side = services["mqtt-auth"]
+    args = build_parser().parse_args([str(c) for c in side["command"]])
+    assert args.command == "mqtt-auth" and args.watch
+    # It signals mosquitto by name inside mosquitto's PID namespace ...
+    assert side["pid"] == "service:mosquitto" and args.signal_process == "mosquitto"
+    assert "mosquitto" in depends_on(side)
+    # ... which a process of another uid may do only with CAP_KILL; nothing else beyond file ownership.
+    assert set(side["cap_drop"]) == {"ALL"} and "KILL" in side["cap_add"]
+    assert set(side["cap_add"]) <= {"KILL", "CHOWN", "FOWNER", "DAC_OVERRIDE"}
+    # It writes where mosquitto reads (read-only there), owned by mosquitto's uid, not world-readable.
+    side_mounts = {t: s for s, t in bind_mounts(side)}
+    mosq_mounts = {t: (s, t) for s, t in bind_mounts(services["mosquitto"])}
+    assert str(args.out) in side_mounts
+    assert side_mounts[str(args.out)] == mosq_mounts["/mosquitto/auth"][0]
+    assert any(str(v).endswith("/mosquitto/auth:ro") for v in services["mosquitto"]["volumes"])
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    assert f"password_file {args.out}/passwd" in conf and f"acl_file {args.out}/acl" in conf
+    assert args.owner == "1883:1883" and int(args.mode, 8) & 0o007 == 0
+    # The gateway's account comes from ARUS_MQTT_URL, which the sidecar gets like the gateway.
+    assert env_of(side)["ARUS_MQTT_URL"] == env_of(services["gateway"])["ARUS_MQTT_URL"]
+    assert "healthcheck" in side
 
 
 @pytest.mark.skipif(not shutil.which("mosquitto_passwd") or embedded._mosquitto_bin() is None,
@@ -377,7 +401,11 @@ def test_mosquitto_conf_starts_a_real_broker_that_refuses_anonymous(tmp_path: Pa
     data.mkdir()
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(auth / "passwd"), "arus-gateway", "s3cret"],
                    check=True, capture_output=True, timeout=10)
-    (auth / "acl").write_text("user arus-gateway\ntopic read jember/v1/+/telemetry\n")
+    # A device line as the registry generates it (never knowing the secret: only its hash).
+    device_hash = mqtt_auth.hash_secret("device-secret")
+    with open(auth / "passwd", "a") as f:
+        f.write(f"wl-1:{device_hash}\n")
+    (auth / "acl").write_text(mqtt_auth.acl_text([mqtt_auth.gateway_account("arus-gateway", "s3cret")]))
     port = embedded.free_port()
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
     conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
@@ -396,9 +424,27 @@ def test_mosquitto_conf_starts_a_real_broker_that_refuses_anonymous(tmp_path: Pa
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "mosquitto exited"
             rc = embedded.mqtt_connack("127.0.0.1", port, timeout=0.5)
         assert rc == 5, f"anonymous CONNECT answered {rc}, expected 5 (not authorised)"
+        assert _connack_as(port, "wl-1", "device-secret") == 0  # the registry's hash format works
+        assert _connack_as(port, "wl-1", "wrong") not in (0, None)  # paho: 135, not authorised
+        assert _connack_as(port, "arus-gateway", "s3cret") == 0  # mosquitto_passwd's own line too
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _connack_as(port: int, username: str, password: str) -> int | None:
+    import paho.mqtt.client as mqtt
+
+    answered: list[int] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"deploy-{username}")
+    client.username_pw_set(username, password)
+    client.on_connect = lambda _c, _u, _f, reason, _p: answered.append(int(reason.value))
+    client.connect("127.0.0.1", port)
+    deadline = time.monotonic() + 10
+    while not answered and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    client.disconnect()
+    return answered[0] if answered else None
 
 
 # ----------------------------------------------------------------------------- Prometheus
