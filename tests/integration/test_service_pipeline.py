@@ -4,8 +4,10 @@ an agency system would) -> worker -> sink -> service_events, service_entities, s
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,7 +28,8 @@ NAME, NAME2 = "Bambang Sutrisno Wijaya", "Dewi Kartika Sari"
 PHONE, PHONE2 = "081331234567", "+62 812-5555-0199"
 SECRETS = [NIK, NIK2, NAME, NAME2, PHONE, PHONE2, "6281331234567", "6281255550199"]
 
-# the worked queries of docs/queries-services.md
+DOC = Path(__file__).resolve().parents[2] / "docs" / "queries-services.md"
+# two of the worked queries of docs/queries-services.md, with the day range as parameters
 DAILY_COUNTS = """
 SELECT d.day, d.kecamatan, r.name AS kecamatan_name, d.type, d.measure, d.count
 FROM service_daily d LEFT JOIN regions r ON r.code = d.kecamatan
@@ -243,4 +246,12 @@ def test_service_events_straight_to_kafka_land_once_pseudonymised_with_durations
     hashes = pg_fetch(dsn, "SELECT DISTINCT data->'reporter'->>'nik' FROM service_events WHERE entity_id = ANY(%s)"
                            " AND data ? 'reporter'", [[cid, old_id]])
     assert len(hashes) == 1 and hashes[0][0].startswith("hmac:")
+    # every worked query of the documentation runs
+    statements = [st.strip() for block in re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.S)
+                  for st in block.split(";") if st.strip()]
+    assert len(statements) >= 9
+    for st in statements:
+        pg_fetch(dsn, st)
+    per_person = pg_fetch(dsn, next(st for st in statements if "per hashed NIK" in st))
+    assert per_person and all(r[0].startswith("hmac:") for r in per_person)
     producer.close(timeout=10)
