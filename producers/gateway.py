@@ -180,8 +180,8 @@ def make_mqtt_client(
     return client
 
 
-# (mid, topic, payload, received_ms, qos, connection generation)
-Item = tuple[int, str, bytes, int, int, int]
+# (mid, topic, payload, received_ms, qos, connection generation, retained: sent because we subscribed)
+Item = tuple[int, str, bytes, int, int, int, bool]
 TP = tuple[str, int]
 Records = list[tuple[bytes, bytes]]
 
@@ -260,7 +260,8 @@ class Gateway:
         if self._stopping:
             return  # not acknowledged: the broker keeps it for the next session
         try:
-            item = (msg.mid, msg.topic, bytes(msg.payload), time.time_ns() // 1_000_000, msg.qos, self._gen)
+            item = (msg.mid, msg.topic, bytes(msg.payload), time.time_ns() // 1_000_000, msg.qos, self._gen,
+                    bool(msg.retain))
         except UnicodeDecodeError:  # a broker would not deliver a non-UTF-8 topic; be safe anyway
             return
         with self._lock:
@@ -382,7 +383,7 @@ class Gateway:
         ingest, dlq = self.ingest_topic, self.dlq_topic
         dumps = orjson.dumps
         received = telemetry = status = 0
-        for mid, topic, payload, received_ms, qos, _gen in items:
+        for mid, topic, payload, received_ms, qos, _gen, retained in items:
             if qos:
                 entry.acks.append(mid)
             received += 1
@@ -393,7 +394,9 @@ class Gateway:
                 status += 1
                 if not payload:
                     continue  # an empty retained message clears the status: nothing to record
-                results = (decode_status(topic, payload, received_ms),)
+                # a retained status replayed because we (re)subscribed is of unknown age: stamped at
+                # epoch 0 it sets the status of a device Arus knows nothing newer about, and no other
+                results = (decode_status(topic, payload, 0 if retained else received_ms),)
             else:  # not something we subscribed to; refuse it the same way
                 results = decode_telemetry(topic, payload, received_ms, self.max_bytes)
             for result in results:

@@ -3,7 +3,8 @@
 Three inputs decide a device's status:
 - `status` envelopes (`online` / `offline` on jember/v1/{id}/status, retained, and the MQTT last will):
   applied at once unless older than the status already held (`time` of the envelope, which the
-  gateway stamps with its receive time);
+  gateway stamps with its receive time, or with 0 for a retained status the broker replays on
+  subscription: of unknown age, it only sets the status of a device without a newer one);
 - readings (this handler observes the telemetry partition's `fold`): a reading makes the device
   online (reason `reading`) unless an offline status message was received after the reading;
 - silence: a device online for longer than `silence_factor` x its kind's `expected_interval_s`

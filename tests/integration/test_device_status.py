@@ -93,8 +93,8 @@ def device_row(dsn: str, device_id: str) -> tuple[Any, ...]:
     return pg_fetch(dsn, "SELECT status, status_reason, last_seen FROM devices WHERE device_id = %s", [device_id])[0]
 
 
-def test_status_last_seen_silence_last_will_and_worker_errors(pipeline, mqtt_url):
-    env, _ = pipeline
+def test_status_last_seen_silence_last_will_and_worker_errors(pipeline, mqtt_url, spawn_arus):
+    env, procs = pipeline
     dsn = env["ARUS_DATABASE_URL"]
     suffix = uuid.uuid4().hex[:6]
     binx, will_dev, gauge = f"bin-{suffix}", f"binw-{suffix}", f"wl-{suffix}"
@@ -170,6 +170,26 @@ def test_status_last_seen_silence_last_will_and_worker_errors(pipeline, mqtt_url
                                  orjson.dumps({"ts": int(time.time() * 1000), "values": {"fillingLevel": 0.6}}))])
         wait_until(lambda: device_row(dsn, will_dev)[:2] == ("online", "reading"), 60,
                    message="a new reading makes it online again")
+
+        # 5. a restarted gateway re-subscribes and gets the retained `offline` (the old will) again:
+        # of unknown age, it must not make the device offline
+        assert procs[0].stop() == 0
+        procs[0] = spawn_arus("gateway", env=env)
+        will_errors = Listener(mqtt_url, [f"jember/v1/{will_dev}/errors"])
+        try:
+            def marker_answered() -> bool:  # same partition as the retained status, so processed after it
+                if any(isinstance(b, dict) and b.get("reason") == "unknown_metric" for _, b in will_errors.received()):
+                    return True
+                publish_mqtt(mqtt_url, [(f"jember/v1/{will_dev}/telemetry", orjson.dumps(
+                    {"ts": int(time.time() * 1000), "values": {"marker": 1.0}}))])
+                return False
+
+            wait_until(marker_answered, 60, interval=2.0, message="the restarted gateway answers")
+        finally:
+            will_errors.close()
+        wait_until(lambda: pg_fetch(dsn, "SELECT 1 FROM dead_letters WHERE device_id = %s AND reason = %s",
+                                    [will_dev, "unknown_metric"]), 30, message="the marker is stored")
+        assert device_row(dsn, will_dev)[:2] == ("online", "reading")
         cleaner = Listener(mqtt_url, [])  # clear the retained status: the broker is shared by the session
         cleaner.publish(f"jember/v1/{will_dev}/status", b"", retain=True)
         cleaner.close()

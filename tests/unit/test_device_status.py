@@ -172,3 +172,15 @@ def test_unknown_and_malformed_status_are_dead_lettered():
     p.process(status("wl", "asleep", T0), 1, T0, out)
     assert transitions(out) == []
     assert [orjson.loads(v)["reason"] for t, _, v in out.records if t == "dlq"] == ["unknown_device", "invalid_payload"]
+
+
+def test_a_retained_status_of_unknown_age_sets_only_an_unknown_device():
+    # the gateway stamps a retained status replayed on (re)subscription with time 0
+    p, h = new_partition()
+    out = Outputs()
+    p.process(reading("wl", T0, T0), 0, T0, out)
+    p.process(status("wl", "offline", 0), 1, T0 + 10, out)  # the old will, replayed: ignored
+    p.process(status("bin", "offline", 0), 2, T0 + 10, out)  # nothing known about the bin: taken
+    assert transitions(out) == [("wl", "online", "reading"), ("bin", "offline", "status_message")]
+    p.process(reading("bin", T0, T0, 0.5, "fillingLevel"), 3, T0 + 20, out)
+    assert transitions(out)[-1] == ("bin", "online", "reading")
