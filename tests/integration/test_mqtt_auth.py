@@ -9,6 +9,12 @@ after the refused ones lands only after anything they could have caused.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -27,6 +33,7 @@ from infra.devices import add_device, revoke_device, rotate_secret
 from tests.helpers import pg_fetch, wait_until
 
 REGION = "35.09.19.1001"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -194,3 +201,95 @@ def test_only_registered_devices_publish_and_only_under_their_own_topic(
     for p in procs:
         assert p.alive(), f"{p.name} died:\n{p.log_tail()}"
     assert s.service.alive()
+
+
+# --------------------------------------------------------------------------- the supervisor and the CLI
+
+
+def _run_arus(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "arus.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_arus_up_enforces_credentials_and_follows_the_registry() -> None:
+    """`arus up --simulate`: its own broker refuses anonymous clients, the simulated devices publish
+    with their own logins, and a device added with `arus devices add` is let in without a restart."""
+    base = Path(tempfile.mkdtemp(prefix="arus-auth-up-"))
+    os.chmod(base, 0o755)  # the unprivileged PostgreSQL user must reach its data dir
+    ports = {k: embedded.free_port() for k in ("pg", "kafka", "mqtt", "http")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARUS_")}
+    env.update({
+        "ARUS_DATA_DIR": str(base / "data"),
+        "ARUS_HTTP_PORT": str(ports["http"]),
+        "ARUS_DATABASE_URL": f"postgresql://arus@127.0.0.1:{ports['pg']}/arus",
+        "ARUS_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports['kafka']}",
+        "ARUS_MQTT_URL": f"mqtt://127.0.0.1:{ports['mqtt']}",
+        "ARUS_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
+        "PYTHONUNBUFFERED": "1",
+    })
+    log = base / "up.log"
+    proc = embedded.popen_in_group([sys.executable, "-m", "arus.cli", "up", "--simulate", "--rate", "20"], log,
+                                   env=env, cwd=ROOT, deathsig=signal.SIGKILL)
+    dsn = env["ARUS_DATABASE_URL"]
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or proc.poll() is not None, 120,
+                   message="arus up printed its table")
+        assert proc.poll() is None, log.read_text()
+        assert "anonymous refused" in log.read_text()
+        secret_file = base / "data" / "mqtt" / "gateway.secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        assert embedded.mqtt_connack("127.0.0.1", ports["mqtt"]) == 5  # anonymous: not authorised
+        # The simulated devices' readings land: each logged in as itself.
+        wait_until(lambda: (pg_fetch(dsn, "SELECT count(DISTINCT device_id) FROM readings")[0][0] or 0) >= 10,
+                   120, interval=0.5, message="simulated devices' readings land")
+        # A device registered while the stack runs is let in, and its reading lands.
+        device = f"wl-up-{uuid.uuid4().hex[:6]}"
+        secret = _run_arus(env, "devices", "add", device, "--kind", "water_level",
+                           "--region", REGION).strip().splitlines()[-1]
+        wait_until(lambda: accepts(ports["mqtt"], device, secret), 20, message="the new device is let in")
+        d = Device(ports["mqtt"], device, secret)
+        d.publish(f"jember/v1/{device}/telemetry", reading(1.5))
+        d.close()
+        wait_until(lambda: pg_fetch(dsn, "SELECT value FROM readings WHERE device_id = %s", [device]) == [(1.5,)],
+                   60, message="the new device's reading lands")
+        _run_arus(env, "devices", "revoke", device)
+        wait_until(lambda: not accepts(ports["mqtt"], device, secret), 20, message="revoked: refused")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            embedded.stop_process(proc, timeout=5)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_mqtt_auth_command_writes_the_files_and_reloads_the_broker(fresh_database_url, tmp_path) -> None:
+    """`arus mqtt-auth --watch --pid-file`: what the docker-compose sidecar runs, against mosquitto
+    (or amqtt) started on the files it wrote."""
+    auth = tmp_path / "auth"
+    secret = "gw-" + uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARUS_")}
+    env.update({"ARUS_DATABASE_URL": fresh_database_url, "PYTHONUNBUFFERED": "1",
+                "ARUS_MQTT_URL": f"mqtt://arus-gateway:{secret}@127.0.0.1:1883"})
+    first = _run_arus(env, "mqtt-auth", "--out", str(auth))
+    assert "0 device(s), 1 account(s)" in first
+    assert (auth / "passwd").stat().st_mode & 0o777 == 0o600
+    svc = embedded.start_mqtt(embedded.free_port(), tmp_path / "broker", auth / "passwd", auth / "acl")
+    (tmp_path / "broker.pid").write_text(f"{svc.pid}\n")
+    watcher = embedded.popen_in_group(
+        [sys.executable, "-m", "arus.cli", "mqtt-auth", "--out", str(auth), "--watch", "--interval", "0.3",
+         "--pid-file", str(tmp_path / "broker.pid")], tmp_path / "watch.log", env=env, cwd=ROOT)
+    try:
+        assert accepts(svc.port, "arus-gateway", secret)
+        device = f"wl-cli-{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            device_secret = add_device(conn, device, "water_level", REGION)
+        wait_until(lambda: accepts(svc.port, device, device_secret), 20,
+                   message=f"the watcher let the new device in:\n{(tmp_path / 'watch.log').read_text()}")
+        assert "SIGHUP sent to" in (tmp_path / "watch.log").read_text()
+        assert svc.alive() and watcher.poll() is None
+    finally:
+        embedded.stop_process(watcher, timeout=5)
+        svc.stop()
