@@ -80,6 +80,24 @@ ALIASES: dict[str, str] = {
 REGION_PRIORITY = ("region", "kode_wilayah", "region_code", "kode_region", "kode_desa", "kode_kelurahan",
                    "kode_kecamatan", "wilayah", "desa", "kelurahan", "kecamatan")
 MASK = "***"
+# header words that mark a personal column (masked in the reject report; mapped to the person when
+# no other mapping applies, e.g. "Nama Pelapor" -> reporter.name, "NIK Pemohon" -> applicant.nik)
+PERSONAL_TOKENS = {"nik": "nik", "ktp": "nik", "nama": "name", "name": "name", "hp": "phone",
+                   "telp": "phone", "telepon": "phone", "phone": "phone", "wa": "phone", "whatsapp": "phone",
+                   "email": None, "kk": None, "alamat": None, "address": None}
+NOT_A_PERSON = {"puskesmas", "desa", "kecamatan", "kelurahan", "wilayah", "unit", "dinas", "opd", "petugas",
+                "faskes", "kategori", "layanan", "program", "instansi", "agency", "file"}
+
+
+def personal_token(norm: str) -> tuple[bool, str | None]:
+    """(is the column personal, the person field it maps to) from its normalised header."""
+    tokens = norm.split("_")
+    if NOT_A_PERSON.intersection(tokens):
+        return False, None
+    for t in tokens:
+        if t in PERSONAL_TOKENS:
+            return True, PERSONAL_TOKENS[t]
+    return False, None
 
 
 def normalise_header(name: str) -> str:
@@ -228,6 +246,10 @@ def build_mapping(
                 target = (alias,)
             elif alias in model_fields:
                 target = ("data", alias)
+        if target is None:
+            personal, person_field = personal_token(n)
+            if personal and person_field is not None:
+                target = ("data", person, person_field)
         if target is not None and target not in taken:
             auto[idx] = target
             taken.add(target)
@@ -240,7 +262,7 @@ def build_mapping(
         if is_personal_key(tgt[-1]) or is_personal_key(norm[idx]) or (len(tgt) > 2 and tgt[1] == person):
             result.personal.add(idx)
     for idx, n in enumerate(norm):
-        if is_personal_key(n) or ALIASES.get(n, "").startswith("@"):
+        if is_personal_key(n) or ALIASES.get(n, "").startswith("@") or personal_token(n)[0]:
             result.personal.add(idx)
     return result
 

@@ -60,6 +60,16 @@ def test_mapping_aliases_and_explicit_maps() -> None:
         csv_import.build_mapping(header, COMPLAINT, ["Nope=complaint_id"], None, keep_extra=False)
 
 
+def test_personal_columns_by_header_words() -> None:
+    header = ["request_id", "status", "layanan", "tanggal", "desa", "Nama Pemohon", "NIK Pemohon", "Alamat",
+              "Nama Petugas", "Nama Desa"]
+    m = csv_import.build_mapping(header, "jember.adminduk.request.v1", [], None, keep_extra=False)
+    assert m.targets[5] == ("data", "applicant", "name") and m.targets[6] == ("data", "applicant", "nik")
+    assert m.targets[4] == ("region",)
+    assert m.personal == {5, 6, 7}
+    assert m.unmapped == ["Alamat", "Nama Petugas", "Nama Desa"]
+
+
 def test_deterministic_id_is_stable_across_spellings() -> None:
     resolve = csv_import._region_lookup()
     header = ["case_id", "status", "pmks_category", "time", "region"]
