@@ -104,10 +104,13 @@ class DeviceStatusHandler:
         st = self.devices.get(device_id)
         if st is None:
             st = self.devices[device_id] = [None, None, 0, None, 0]
-        if st[SEEN] is None or reading.time > st[SEEN]:
-            st[SEEN] = reading.time
+        t, seen = reading.time, st[SEEN]
+        if seen is None or t > seen:
+            st[SEEN] = t
         received = reading.received
-        st[ACTIVE] = max(st[ACTIVE], received, self.clock_ms)
+        active = received if received > self.clock_ms else self.clock_ms  # (no max(): hot path)
+        if active > st[ACTIVE]:
+            st[ACTIVE] = active
         self.dirty.add(device_id)
         if st[STATUS] == ONLINE:
             return
