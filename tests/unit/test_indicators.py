@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import datetime
 
 import orjson
 import pytest
 
 from infra.indicators import CatalogueError, load_catalogue, parse_catalogue
 from infra.indicators.periods import label, period_end, period_start
+from schemas.service_events import LIFECYCLES
 from stream_processors.indicators.compute import compute, percentile_cont, slim_event
 from stream_processors.indicators.stage import IndicatorPartition, SensorRoute, ServiceRoute
 from stream_processors.outputs import Outputs
@@ -33,6 +34,8 @@ NOV10 = ms("2026-11-10T00:00:00+07:00")
 def event(etype: str, entity: str, status: str, t: int, kec: str | None, *, nik: str | None = None,
           category: str | None = None, durations: dict | None = None, eid: str | None = None) -> dict:
     data: dict = {}
+    if category:  # the cleaned event repeats data[<the lifecycle's category field>] as `category`
+        data[LIFECYCLES[etype].category_field] = category
     if nik:
         data["person"] = {"nik": nik, "name": "hmac:" + "0" * 32}
     return {"id": eid or f"{entity}-{status}-{t}", "source": "test", "type": etype, "time": t,
