@@ -130,7 +130,8 @@ class Supervisor:
             if kind == "mqtt":
                 # The device registry is needed first: an embedded broker starts with its auth files.
                 self.migrate()
-                auth = self.prepare_mqtt_auth(url)
+                if embedded.starts_embedded(url, kind):
+                    auth = self.prepare_mqtt_auth(url)
             t0 = time.monotonic()
             resolved, svc = embedded.resolve_or_start(url, kind, self.data_dir, preferred_port=port,
                                                       mqtt_auth=auth)
@@ -165,7 +166,9 @@ class Supervisor:
 
     def finish_mqtt_auth(self) -> None:
         comp = self.components["mqtt"]
-        if comp.service is None:
+        if comp.service is not None and self._auth is None:  # its port was freed meanwhile: never run open
+            raise EmbeddedServiceError(f"MQTT port of {comp.url} changed hands during the start; try again")
+        if comp.service is None or self._auth is None:
             self._auth = None  # an external broker: its own administration (e.g. `arus mqtt-auth`)
             comp.child_url = comp.url
             return

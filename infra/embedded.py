@@ -777,6 +777,14 @@ def _start(kind: str, port: int, data_dir: Path, url: str | None,
     raise ValueError(f"unknown kind {kind!r}; one of kafka, postgres, mqtt")
 
 
+def starts_embedded(url: str | None, kind: str) -> bool:
+    """Would `resolve_or_start(url, kind, ...)` start an embedded service (right now)?"""
+    if not url:
+        return True
+    ep = parse_endpoint(url, kind)
+    return ep.host in LOCAL_HOSTS and not port_is_listening("127.0.0.1", ep.port)
+
+
 def resolve_or_start(
     url: str | None, kind: str, data_dir: Path, *, preferred_port: int | None = None,
     mqtt_auth: tuple[Path, Path] | None = None,

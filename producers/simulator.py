@@ -564,6 +564,7 @@ class _DeviceLinks:
     def _run(self) -> None:
         last_misc = 0.0
         last_retry = time.monotonic()
+        last_refused_log = 0.0
         while not self._stop.is_set():
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
@@ -592,11 +593,12 @@ class _DeviceLinks:
                     client.loop_misc()  # keepalive pings
             if now - last_retry >= self.RETRY_S:
                 last_retry = now
-                if self._refused:
+                if self._refused and now - last_refused_log >= 30.0:
+                    last_refused_log = now
                     refused, self._refused = self._refused, []
-                    log.info("broker refused %d device login(s), retrying every %.0fs (new credentials are "
-                             "valid once the broker reloads its password file): %s", len(refused),
-                             self.RETRY_S, ", ".join(refused[:5]))
+                    log.info("broker refused %d device login(s) since the last report, retrying every %.0fs "
+                             "(new credentials are valid once the broker reloads its password file): %s",
+                             len(refused), self.RETRY_S, ", ".join(sorted(set(refused))[:5]))
                 for client in self.clients:
                     if client.socket() is None:
                         self._connect(client)
