@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,8 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM before a service installed its own graceful handler: nothing to flush yet."""
+
+
+def _terminate_early(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # A SIGTERM during start-up (imports, connecting) is a clean stop, not a crash; each service
+    # replaces this handler with its own graceful one (flush, commit) once it runs.
+    signal.signal(signal.SIGTERM, _terminate_early)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except _Terminated:
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"] and argv[1:2] != ["--"]:
         # bench parses its own options; argparse's REMAINDER refuses ones that come first (--out ...)
         argv = ["bench", "--", *argv[1:]]

@@ -154,7 +154,9 @@ def _last_seen(readings: Sequence[ReadingRow]) -> tuple[list[str], list[Any]]:
         seen = get(device)
         if seen is None or t > seen:
             latest[device] = t
-    return list(latest), list(latest.values())
+    # sorted: concurrent sinks (a rebalance, a restart) then lock device rows in the same order
+    devices = sorted(latest)
+    return devices, [latest[d] for d in devices]
 
 
 async def _copy_readings_direct(cur: psycopg.AsyncCursor[Any], readings: Sequence[ReadingRow]) -> bool:
