@@ -58,6 +58,7 @@ LIMIT_DEFAULT = 200
 LIMIT_MAX = 1000
 REPLAY_PAGE = 500
 SUBSCRIBER_QUEUE = 10_000
+HOLD_BACK_S = 0.25  # longest wait for a lower seq still in flight (see AlertHub._dispatch)
 TIME_FIELDS = ("opened_at", "updated_at", "acknowledged_at", "resolved_at")
 
 _ALERT_COLUMNS = ("id", "rule_id", "entity", "kind", "region_code", "kecamatan", "metric", "severity", "state",
@@ -307,12 +308,44 @@ class AlertHub:
                 log.warning("alert stream: LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(delay)
 
+    def _drain(self, into: set[int]) -> None:
+        while not self._pending.empty():
+            into.add(self._pending.get_nowait())
+
+    async def _writers_in_flight(self) -> bool:
+        """Some other transaction has inserted into alert_events and not finished (it holds the
+        table's RowExclusiveLock until commit or rollback)."""
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                cur = await conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'alert_events'::regclass"
+                    " AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid())")
+                row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout):
+            return False
+        return bool(row and row[0])
+
     async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            seqs = [await self._pending.get()]
-            while not self._pending.empty():
-                seqs.append(self._pending.get_nowait())
-            seqs = sorted({s for s in seqs if s not in self._recent_set})
+            batch = {await self._pending.get()}
+            self._drain(batch)
+            # Sequence numbers are taken at insert, rows become visible at commit: two writers (the
+            # sink, an operator's command) can commit out of seq order. While a lower seq is missing
+            # and another writer is still in a transaction on alert_events, hold the batch briefly
+            # so clients see seq order (their Last-Event-ID then never skips a late commit). A hole
+            # with no writer in flight is permanent (rollback, ON CONFLICT DO NOTHING): no wait.
+            deadline = loop.time() + HOLD_BACK_S
+            while True:
+                top = max(batch)
+                if top - self.high > 10_000:
+                    break
+                holes = set(range(self.high + 1, top)) - batch - self._recent_set
+                if not holes or loop.time() > deadline or not await self._writers_in_flight():
+                    break
+                await asyncio.sleep(0.005)
+                self._drain(batch)
+            seqs = sorted(s for s in batch if s not in self._recent_set)
             if not seqs:
                 continue
             for attempt in range(20):
@@ -595,6 +628,10 @@ def routes(settings: Settings) -> APIRouter:
         flt = AlertFilter.parse(state, severity, kecamatan, kind, rule, region, since, until,
                                 default_states=("open", "acknowledged"))
         where, params = flt.sql()
+        # Every event up to what the stream had broadcast before this snapshot is in the snapshot;
+        # later ones may not be: `last_seq` is no higher, so following on from it never skips one
+        # (an event in both is harmless: it carries the alert's state).
+        broadcast = st.hub.high if st.hub is not None and st.hub.ready.is_set() else None
         sql = (f"SELECT {_ALERT_SELECT} FROM alerts a LEFT JOIN regions r ON r.code = a.kecamatan WHERE {where}"
                " ORDER BY array_position(%s::text[], a.severity) DESC, a.updated_at DESC, a.id LIMIT %s")
         try:
@@ -603,6 +640,8 @@ def routes(settings: Settings) -> APIRouter:
                 cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM alert_events")
                 row = await cur.fetchone()
                 last_seq = int(row[0]) if row else 0
+                if broadcast is not None:
+                    last_seq = min(last_seq, broadcast)
                 dcur = conn.cursor(row_factory=dict_row)
                 await dcur.execute(sql, [*params, list(SEVERITIES), limit])
                 rows = await dcur.fetchall()

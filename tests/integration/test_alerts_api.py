@@ -12,6 +12,7 @@ import http.server
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,7 +96,10 @@ def test_list_filters_sorting_and_detail(api):
     order = [a["id"] for a in body["alerts"]]
     # default: open + acknowledged; severity first, then most recently updated
     assert order == [ids["crit"], ids["major"], ids["ack"], ids["air"], ids["warn"], ids["info"]]
-    assert body["last_seq"] == pg_scalar(dsn, "SELECT max(seq) FROM alert_events")
+    # last_seq: the newest event the stream has broadcast (a moment after the commit)
+    max_seq = pg_scalar(dsn, "SELECT max(seq) FROM alert_events")
+    assert body["last_seq"] <= max_seq
+    wait_until(lambda: get()["last_seq"] == max_seq, 5, message="last_seq catches up")
     first = body["alerts"][0]
     assert first["opened_at"].endswith("Z") and first["updated_at_wib"].endswith("WIB")
     assert first["kecamatan_name"] == "Kaliwates"
@@ -364,3 +368,36 @@ def test_webhook_delivers_and_dead_letters_after_retries(arus_env, spawn_arus, f
     finally:
         ok_server.shutdown()
         bad_server.shutdown()
+
+
+def test_stream_keeps_seq_order_when_writers_commit_out_of_order(api):
+    """The sink and an operator's command insert alert_events concurrently: a lower seq may commit
+    after a higher one. The stream holds the higher one back while the lower is in flight, so
+    clients see seq order and a Last-Event-ID never skips the late commit."""
+    import psycopg
+
+    base, env, dsn = api()
+    a, b = _uid(), _uid()
+    insert_alert(dsn, a)
+    insert_alert(dsn, b)
+    reader = SSEReader(f"{base}/v1/alerts/stream").start()
+    try:
+        reader.wait_connected()
+        slow = psycopg.connect(dsn)
+        try:
+            low = slow.execute(
+                "INSERT INTO alert_events (dedup, alert_id, time, transition, severity, state, actor)"
+                " VALUES (%s, %s, now(), 'updated', 'warning', 'open', 'stream') RETURNING seq",
+                (f"{a}:slow", a)).fetchone()[0]
+            high = add_event(dsn, b, "escalated", severity="critical")  # commits first
+            assert high > low
+            deadline = time.monotonic() + 0.1
+            while time.monotonic() < deadline:  # the slow writer is still in flight
+                assert reader.seqs() == [], "a higher seq was sent while a lower one was in flight"
+            slow.commit()
+        finally:
+            slow.close()
+        wait_until(lambda: len(reader.events) == 2, 5, message="both events")
+        assert reader.seqs() == [low, high]
+    finally:
+        reader.close()
