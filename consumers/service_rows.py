@@ -6,12 +6,17 @@
   different CloudEvents ids. The same message upserts the entity: status, region and updated_at move
   only forward in event time (an out-of-order older event does not roll them back), opened_at is the
   earliest known opening, durations are merged (jsonb ||).
-- `service-daily`: the full state of a (WIB day, kecamatan, type, measure) cell replaces the row.
+- `service-daily`: one ingest partition's full state of a (WIB day, kecamatan, type, measure) cell
+  replaces that partition's row in service_daily_parts when its `version` (the partition's input
+  offset) is not older; service_daily is then recomputed as the sum of the parts (migration 010).
 - backfill: an event older than the worker's horizon (its day's cell is no longer in the stream state)
-  carries `"recount": [[day, kecamatan], ...]`; after inserting its row, the cells of those days are
-  recomputed from service_events (status counts; durations from each entity's earliest opening and
-  closing events, counted on the day and kecamatan of the closing one), under a transaction-scoped
-  advisory lock per cell so concurrent sinks do not miss each other's rows.
+  carries `"recount": [[day, kecamatan], ...]`; after inserting its row, its partition's parts of those
+  cells are rebuilt from the stored events of that partition (status counts; durations from each
+  entity's earliest opening and closing events, counted on the day and kecamatan of the closing one)
+  at version = the event's offset, then the totals.
+Writes of one (day, kecamatan, type) take a transaction-scoped advisory lock, so concurrent sinks do
+not lose each other's parts. Exactness across channels assumes producers key ingest records by entity
+id (all Arus producers do): one entity, one partition.
 Personal fields in `data` are already keyed hashes (the worker pseudonymised them).
 """
 
@@ -31,7 +36,8 @@ from .records import BadRecord, TableSpec, Write
 
 INSERT_EVENT = (
     "INSERT INTO service_events (time, source, event_id, type, entity_id, status, region_code, kecamatan,"
-    " agency, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING"
+    " agency, data, ingest_partition) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
+    " ON CONFLICT DO NOTHING"
 )
 UPSERT_ENTITY = (
     "INSERT INTO service_entities AS e (type, entity_id, status, region_code, kecamatan, category, opened_at,"
@@ -45,36 +51,50 @@ UPSERT_ENTITY = (
     " updated_at = GREATEST(e.updated_at, EXCLUDED.updated_at),"
     " durations = e.durations || EXCLUDED.durations"
 )
-UPSERT_DAILY = (
+# the partition's part of a cell: replaced only by the same or a newer version (input offset), so a
+# stream cell message that overtakes nothing and is overtaken by a recount cannot roll it back
+_PART_TAIL = (
+    " ON CONFLICT (day, kecamatan, type, measure, part) DO UPDATE SET count = EXCLUDED.count,"
+    " sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max, version = EXCLUDED.version, updated_at = now()"
+    " WHERE EXCLUDED.version >= service_daily_parts.version"
+)
+_PART_COLUMNS = "(day, kecamatan, type, measure, part, count, sum, min, max, version, updated_at)"
+UPSERT_PART = (
+    f"INSERT INTO service_daily_parts {_PART_COLUMNS} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())"
+    + _PART_TAIL
+)
+# service_daily = the sum of the parts
+_TOTALS = (
     "INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())"
+    " SELECT day, kecamatan, type, measure, sum(count)::bigint, sum(sum), min(min), max(max), now()"
+    " FROM service_daily_parts WHERE day = %s AND kecamatan = %s AND type = %s{measure}"
+    " GROUP BY day, kecamatan, type, measure"
     " ON CONFLICT (day, kecamatan, type, measure) DO UPDATE SET count = EXCLUDED.count, sum = EXCLUDED.sum,"
     " min = EXCLUDED.min, max = EXCLUDED.max, updated_at = now()"
 )
+TOTAL_CELL = _TOTALS.format(measure=" AND measure = %s")
+TOTAL_DAY = _TOTALS.format(measure="")
+LOCK_CELL = "SELECT pg_advisory_xact_lock(hashtext(%s))"  # per (day, kecamatan, type): concurrent sinks
 
-
-# one parameter block: the cell, its WIB day as a UTC range
+# backfill recount of one partition's part of the (day, kecamatan, type) cells, from its stored events;
+# one parameter block: the cell, the part and version, the WIB day as a UTC range
 _CELL = (
-    "WITH p AS (SELECT %s::date AS day, %s::text AS kec, %s::text AS type,"
-    " (%s::date)::timestamp AT TIME ZONE 'Asia/Jakarta' AS lo,"
+    "WITH p AS (SELECT %s::date AS day, %s::text AS kec, %s::text AS type, %s::int AS part,"
+    " %s::bigint AS version, (%s::date)::timestamp AT TIME ZONE 'Asia/Jakarta' AS lo,"
     " (%s::date + 1)::timestamp AT TIME ZONE 'Asia/Jakarta' AS hi)"
 )
-_UPSERT_TAIL = (
-    " ON CONFLICT (day, kecamatan, type, measure) DO UPDATE SET count = EXCLUDED.count, sum = EXCLUDED.sum,"
-    " min = EXCLUDED.min, max = EXCLUDED.max, updated_at = now()"
-)
-LOCK_CELL = "SELECT pg_advisory_xact_lock(hashtext(%s))"
 RECOUNT_STATUS = (
-    _CELL + " INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
-    " SELECT p.day, p.kec, p.type, COALESCE('status:' || e.status, 'events'), count(*), 0, NULL, NULL, now()"
+    _CELL + f" INSERT INTO service_daily_parts {_PART_COLUMNS}"
+    " SELECT p.day, p.kec, p.type, COALESCE('status:' || e.status, 'events'), p.part, count(*), 0, NULL, NULL,"
+    " p.version, now()"
     " FROM p JOIN service_events e ON e.type = p.type AND COALESCE(e.kecamatan, %s) = p.kec"
-    " AND e.time >= p.lo AND e.time < p.hi"
-    " GROUP BY p.day, p.kec, p.type, e.status" + _UPSERT_TAIL
+    " AND e.ingest_partition = p.part AND e.time >= p.lo AND e.time < p.hi"
+    " GROUP BY p.day, p.kec, p.type, p.part, p.version, e.status" + _PART_TAIL
 )
 RECOUNT_DURATION = (
     _CELL + ", ends AS (SELECT e.entity_id, min(e.time) AS t_end FROM p JOIN service_events e"
     " ON e.type = p.type AND e.status = %s AND COALESCE(e.kecamatan, %s) = p.kec"
-    " AND e.time >= p.lo AND e.time < p.hi GROUP BY e.entity_id),"
+    " AND e.ingest_partition = p.part AND e.time >= p.lo AND e.time < p.hi GROUP BY e.entity_id),"
     " pairs AS (SELECT ends.t_end,"
     " (SELECT min(x.time) FROM service_events x, p WHERE x.type = p.type AND x.entity_id = ends.entity_id"
     "  AND x.status = %s) AS first_end,"
@@ -82,22 +102,25 @@ RECOUNT_DURATION = (
     "  AND x.status = %s) AS t_start FROM ends),"
     " d AS (SELECT extract(epoch FROM t_end - t_start)::float8 AS s FROM pairs"
     "  WHERE first_end = t_end AND t_start IS NOT NULL AND t_start <= t_end)"
-    " INSERT INTO service_daily (day, kecamatan, type, measure, count, sum, min, max, updated_at)"
-    " SELECT p.day, p.kec, p.type, %s, count(d.s), COALESCE(sum(d.s), 0), min(d.s), max(d.s), now()"
-    " FROM p, d GROUP BY p.day, p.kec, p.type" + _UPSERT_TAIL
+    f" INSERT INTO service_daily_parts {_PART_COLUMNS}"
+    " SELECT p.day, p.kec, p.type, %s, p.part, count(d.s), COALESCE(sum(d.s), 0), min(d.s), max(d.s),"
+    " p.version, now() FROM p, d GROUP BY p.day, p.kec, p.type, p.part, p.version" + _PART_TAIL
 )
 
 
-def recount_writes(type_: str, day: date, kec: str) -> list[Write]:
-    """Recompute the (day, kecamatan, type) cells from service_events (backfill behind the stream's horizon)."""
-    cell = (day, kec, type_, day, day)
-    writes: list[Write] = [
-        (LOCK_CELL, (f"service_daily|{day}|{kec}|{type_}",)),
-        (RECOUNT_STATUS, (*cell, KABUPATEN_CODE)),
-    ]
+def _lock(day: date, kec: str, type_: str) -> Write:
+    return (LOCK_CELL, (f"service_daily|{day}|{kec}|{type_}",))
+
+
+def recount_writes(type_: str, day: date, kec: str, part: int, version: int) -> list[Write]:
+    """Rebuild partition `part`'s share of the (day, kecamatan, type) cells from service_events (backfill
+    behind the worker's horizon), then the totals."""
+    cell = (day, kec, type_, part, version, day, day)
+    writes: list[Write] = [_lock(day, kec, type_), (RECOUNT_STATUS, (*cell, KABUPATEN_CODE))]
     lifecycle = LIFECYCLES.get(type_)
     for name, start, end in lifecycle.durations if lifecycle is not None else ():
         writes.append((RECOUNT_DURATION, (*cell, end, KABUPATEN_CODE, end, start, name)))
+    writes.append((TOTAL_DAY, (day, kec, type_)))
     return writes
 
 
@@ -118,6 +141,14 @@ def _time(value: Any, name: str, optional: bool = False) -> datetime | None:
     return datetime.fromtimestamp(value / 1000.0, UTC)
 
 
+def _int(value: Any, name: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRecord(f"`{name}` must be an integer")
+    return value
+
+
 def _num(value: Any, name: str, optional: bool = True) -> float | None:
     if value is None and optional:
         return None
@@ -136,12 +167,13 @@ def service_event_writes(msg: dict[str, Any]) -> list[Write]:
     data = msg.get("data")
     if data is None:
         data = {}
+    part = _int(msg.get("part"), "part", optional=True)
     durations = msg.get("durations") or {}
     if not isinstance(durations, dict) or not all(isinstance(v, int | float) for v in durations.values()):
         raise BadRecord("`durations` must map names to seconds")
     writes: list[Write] = [(INSERT_EVENT, (
         t, _str(msg, "source"), _str(msg, "id"), type_, entity, status, region, kec,
-        _str(msg, "agency", optional=True), orjson.dumps(data).decode(),
+        _str(msg, "agency", optional=True), orjson.dumps(data).decode(), part,
     ))]
     if status is not None:
         writes.append((UPSERT_ENTITY, (
@@ -158,8 +190,10 @@ def service_event_writes(msg: dict[str, Any]) -> list[Write]:
             day = date.fromisoformat(item[0])
         except ValueError as exc:
             raise BadRecord(f"recount day must be YYYY-MM-DD: {exc}") from exc
+        if part is None:
+            raise BadRecord("`recount` needs `part`")
         assert type_ is not None
-        writes.extend(recount_writes(type_, day, item[1]))
+        writes.extend(recount_writes(type_, day, item[1], part, _int(msg.get("offset"), "offset") or 0))
     return writes
 
 
@@ -171,10 +205,17 @@ def service_daily_writes(msg: dict[str, Any]) -> list[Write]:
     count = msg.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise BadRecord("`count` must be a non-negative integer")
-    return [(UPSERT_DAILY, (
-        day, _str(msg, "kecamatan"), _str(msg, "type"), _str(msg, "measure"), count,
-        _num(msg.get("sum", 0.0), "sum", optional=False), _num(msg.get("min"), "min"), _num(msg.get("max"), "max"),
-    ))]
+    kec, type_, measure = _str(msg, "kecamatan"), _str(msg, "type"), _str(msg, "measure")
+    assert kec is not None and type_ is not None
+    return [
+        _lock(day, kec, type_),
+        (UPSERT_PART, (
+            day, kec, type_, measure, _int(msg.get("part"), "part"), count,
+            _num(msg.get("sum", 0.0), "sum", optional=False), _num(msg.get("min"), "min"), _num(msg.get("max"), "max"),
+            _int(msg.get("version"), "version"),
+        )),
+        (TOTAL_CELL, (day, kec, type_, measure)),
+    ]
 
 
 SPECS: list[TableSpec] = [

@@ -22,7 +22,10 @@ prefixes of the service families (`register`). For each envelope:
 6. daily cells: per (WIB day, kecamatan, type, measure) count/sum/min/max, measure `status:<s>` for each
    event and `<duration name>` for each duration (in the day/kecamatan of the closing event). Cells
    changed since the last flush are emitted with their full state to `service-daily` (idempotent upserts).
-   Events of a kabupaten-level region count under the kabupaten code `35.09`.
+   Events of a kabupaten-level region count under the kabupaten code `35.09`. Each partition counts the
+   events it receives, so a cell message is this partition's PART of the cell (`part` = partition,
+   `version` = the last input offset folded in); the sink keeps one row per part in
+   service_daily_parts (a newer version replaces an older one) and service_daily = the sum of the parts.
 
 Partitioning: the lifecycle of an entity is tracked by the partition that receives its events, so every
 producer keys ingest records by entity id (case_id, complaint_id, ...). `entity_key` gives that key.
@@ -177,6 +180,7 @@ class ServiceEventHandler:
         self.horizon_ms = horizon_ms
         self.idle_retention_ms = max(idle_retention_ms, horizon_ms)
         self._recount: set[tuple[str, str]] = set()  # cells of the current event behind the horizon
+        self.last_offset = -1  # the version of the cells emitted at the next flush
         self.regions = load_regions()
         self.watermark = 0  # highest event time accepted on this partition
         # "source|id" -> event time ms
@@ -222,6 +226,7 @@ class ServiceEventHandler:
                                 f"(another channel)", env, raw, offset, now_ms, out)
             return
         self._mark_seen(sid, t)
+        self.last_offset = max(self.last_offset, offset)
         if t > self.watermark:
             self.watermark = t
         kec = ev.kecamatan or KABUPATEN_CODE  # a kabupaten-level event counts under 35.09
@@ -261,9 +266,10 @@ class ServiceEventHandler:
             "id": ev.id, "source": ev.source, "type": ev.type, "time": t, "region": ev.region,
             "kecamatan": ev.kecamatan, "entity_id": ev.entity_id, "status": ev.status, "category": ev.category,
             "agency": ev.agency, "durations": dict(entity["d"]), "opened_at": opened, "data": ev.data,
+            "part": self.partition, "offset": offset,
         }
         if self._recount:
-            msg["recount"] = sorted([d, k] for d, k in self._recount)
+            msg["recount"] = sorted([d, k] for d, k in self._recount)  # this partition's part, at `offset`
         out.emit(topics.SERVICE_EVENTS, str(ev.entity_id), msg)
         for listener in self.listeners:
             try:
@@ -314,14 +320,20 @@ class ServiceEventHandler:
     # -- checkpoint -----------------------------------------------------------------------------
     def flush(self, out: Outputs) -> None:
         """Emit the full state of each daily cell changed since the last flush; drop expired state."""
+        horizon = self.watermark - self.horizon_ms
         for key in sorted(self._emit_cells):
             cell = self.cells.get(key)
             if cell is None:
                 continue
             day, kec, type_, measure = key.split("|", 3)
+            if wib_day_end_ms(day) < horizon:
+                # behind the horizon: a recount from the stored events may have replaced this part
+                # already (at a later offset); emitting it now, at this flush's version, would roll it back
+                continue
             out.emit(topics.SERVICE_DAILY, key, {
                 "day": day, "kecamatan": kec, "type": type_, "measure": measure, "count": int(cell[0] or 0),
                 "sum": float(cell[1] or 0.0), "min": cell[2], "max": cell[3],
+                "part": self.partition, "version": self.last_offset,
             })
         self._emit_cells = set()
         self.expire()
@@ -349,7 +361,7 @@ class ServiceEventHandler:
 
     def snapshot(self, full: bool) -> dict[str, Any]:
         tables: dict[str, dict[str, Any]] = {"seen": self.seen, "entities": self.entities, "cells": self.cells}
-        payload: dict[str, Any] = {"wm": self.watermark}
+        payload: dict[str, Any] = {"wm": self.watermark, "lo": self.last_offset}
         for kind, table in tables.items():
             keys = table.keys() if full else self._dirty[kind]
             payload[kind] = {k: table[k] for k in keys if k in table}
@@ -370,9 +382,10 @@ class ServiceEventHandler:
                 table[key] = value
         self.watermark = max(self.watermark, int(payload.get("wm", 0))) if not payload.get("full") \
             else int(payload.get("wm", 0))
+        self.last_offset = max(self.last_offset, int(payload.get("lo", -1)))
         self._emit_cells = set()
 
     def state(self) -> dict[str, Any]:
         """The whole state (tests compare it across snapshot/restore)."""
-        return {"wm": self.watermark, "seen": dict(self.seen), "entities": orjson.loads(orjson.dumps(self.entities)),
+        return {"wm": self.watermark, "lo": self.last_offset, "seen": dict(self.seen), "entities": orjson.loads(orjson.dumps(self.entities)),
                 "cells": orjson.loads(orjson.dumps(self.cells))}

@@ -255,3 +255,66 @@ def test_service_events_straight_to_kafka_land_once_pseudonymised_with_durations
     per_person = pg_fetch(dsn, next(st for st in statements if "per hashed NIK" in st))
     assert per_person and all(r[0].startswith("hmac:") for r in per_person)
     producer.close(timeout=10)
+
+
+def test_simulated_agencies_through_a_worker_crash_daily_cells_equal_sql_truth(arus_env, spawn_arus,
+                                                                               fresh_database_url):
+    """Simulated agency lifecycles; the worker is SIGKILLed mid-stream and restarted: every event lands
+    once and the stream's daily cells equal what the stored rows say."""
+    import random
+
+    from producers.agency_simulator import events_for
+
+    env = arus_env(database_url=fresh_database_url, ARUS_PII_KEY=PII_KEY, ARUS_CHECKPOINT_INTERVAL_MS="200",
+                   ARUS_WORKER_SESSION_TIMEOUT_MS="2000")
+    dsn, bootstrap, ingest = env["ARUS_DATABASE_URL"], env["ARUS_KAFKA_BOOTSTRAP"], env["ARUS_TOPIC_PREFIX"] + "ingest"
+    spawn_arus("sink", env=env)
+    worker = spawn_arus("worker", env=env, name="worker-a")
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    # a Monday of last week, 06:00 to 22:00 WIB: office hours, puskesmas mornings, evening complaints
+    today = datetime.now(WIB).date()
+    monday = datetime(today.year, today.month, today.day, 6, 0, tzinfo=WIB) - timedelta(days=today.weekday() + 7)
+    start = int(monday.timestamp() * 1000)
+    events = [e for e in events_for(start, start + 16 * 3_600_000, 3.0, random.Random(11), tag="crash")
+              if e.time_ms <= now_ms]
+    assert len(events) > 1500
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=10, linger_ms=5)
+
+    def send(batch: list) -> None:
+        for e in batch:
+            producer.send(ingest, key=e.key, value=orjson.dumps(e.envelope))
+        producer.flush(timeout=60)
+
+    half = len(events) // 2
+    send(events[:half])
+    stored = "SELECT count(*) FROM service_events"
+    wait_until(lambda: pg_scalar(dsn, stored) >= half // 3, 120, message="the worker is folding the first half")
+    worker.kill()
+    send(events[half:] + events[half - 200:half])  # and some of the first half again (a producer retry)
+    spawn_arus("worker", env=env, name="worker-b")
+    wait_until(lambda: pg_scalar(dsn, stored) == len(events), 120, interval=0.5,
+               message=f"all {len(events)} events stored once")
+
+    truth_sql = """
+        SELECT (time AT TIME ZONE 'Asia/Jakarta')::date, COALESCE(kecamatan, '35.09'), type,
+               'status:' || status, count(*)
+        FROM service_events GROUP BY 1, 2, 3, 4"""
+    cells_sql = "SELECT day, kecamatan, type, measure, count FROM service_daily WHERE measure LIKE 'status:%%'"
+    truth = set(pg_fetch(dsn, truth_sql))
+
+    def cells_match() -> bool:
+        return set(pg_fetch(dsn, cells_sql)) == truth
+
+    try:
+        wait_until(cells_match, 60, interval=0.5, message="daily status cells equal the stored rows")
+    except AssertionError:
+        cells = set(pg_fetch(dsn, cells_sql))
+        raise AssertionError(f"only in the rows: {sorted(truth - cells)[:10]}\n"
+                             f"only in the cells: {sorted(cells - truth)[:10]}") from None
+    # each duration counted once: the cells add up to the entities' durations
+    per_measure = dict(pg_fetch(dsn, "SELECT measure, sum(count) FROM service_daily"
+                                     " WHERE measure NOT LIKE 'status:%%' GROUP BY measure"))
+    entities = dict(pg_fetch(dsn, "SELECT k, count(*) FROM service_entities, jsonb_object_keys(durations) k"
+                                  " GROUP BY k"))
+    assert per_measure == entities and per_measure.get("response_time_s", 0) > 10
+    producer.close(timeout=10)

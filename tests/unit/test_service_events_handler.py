@@ -311,3 +311,25 @@ def test_dlq_replay_unseals_the_original_bytes_keyed_by_entity() -> None:
     assert plan.records == {dead["id"]: [(b"W-30", raw)]} and not plan.skipped
     other = plan_replay([row], Settings(pii_key="another-key", topic_prefix="jember."), now_ms=NOW)
     assert not other.records and "cannot be opened" in other.skipped[dead["id"]]
+
+
+def test_cells_are_this_partitions_parts_versioned_by_offset_and_never_emitted_behind_the_horizon() -> None:
+    h = ServiceEventHandler(3, "jember.ingest", KEY, 400 * DAY, 300_000, horizon_ms=30 * DAY)
+    out = Outputs()
+    old = NOW - 40 * DAY
+    feed(h, complaint("C-40", "opened", old), out, now=old + 60_000, offset=10)
+    h.flush(out)
+    (cell,) = emitted(out, topics.SERVICE_DAILY)
+    assert (cell["part"], cell["version"], cell["count"]) == (3, 10, 1)
+    ev = emitted(out, topics.SERVICE_EVENTS)[0]
+    assert (ev["part"], ev["offset"]) == (3, 10)
+    # the old day's cell changes, then (same batch) the watermark moves 40 days on: the old cell is
+    # not emitted at the next flush; a backfill event for it asks the sink for a recount instead
+    out2 = Outputs()
+    feed(h, complaint("C-41", "opened", old + 1000), out2, now=old + 60_000, offset=11)
+    feed(h, complaint("C-42", "opened", NOW - 1000), out2, offset=12)
+    feed(h, complaint("C-43", "opened", old + 2000), out2, offset=13)
+    h.flush(out2)
+    assert [c["day"] for c in emitted(out2, topics.SERVICE_DAILY)] == [wib_day(NOW)]
+    assert emitted(out2, topics.SERVICE_DAILY)[0]["version"] == 13
+    assert emitted(out2, topics.SERVICE_EVENTS)[-1]["recount"] == [[wib_day(old), "35.09.19"]]
