@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -45,7 +46,7 @@ _SEAL_VERSION = "v1."
 
 
 def is_personal_key(key: Any) -> bool:
-    return isinstance(key, str) and key.strip().casefold() in _PERSONAL
+    return isinstance(key, str) and (key in _PERSONAL or key.strip().casefold() in _PERSONAL)
 
 
 def validate_nik(nik: str, region_codes: Iterable[str] | Mapping[str, Any]) -> str | None:
@@ -82,9 +83,15 @@ def normalise(kind: str, value: Any) -> str:
     return " ".join(text.split()).casefold()
 
 
+@functools.lru_cache(maxsize=8)
+def _hmac_base(key: bytes) -> Any:
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def keyed_hash(kind: str, value: Any, key: bytes) -> str:
-    digest = hmac.new(key, normalise(kind, value).encode("utf-8"), hashlib.sha256).hexdigest()
-    return HMAC_PREFIX + digest[:32]
+    h = _hmac_base(key).copy()
+    h.update(normalise(kind, value).encode("utf-8"))
+    return HMAC_PREFIX + h.hexdigest()[:32]
 
 
 def _is_hashed(value: Any) -> bool:
@@ -105,7 +112,9 @@ def _hash_value(kind: str, value: Any, key: bytes) -> Any:
 
 def pseudonymise(data: Any, key: bytes) -> Any:
     """A copy of `data` with every personal value (any depth) replaced by its keyed hash. Idempotent."""
-    if isinstance(data, Mapping):
+    if isinstance(data, str | int | float | bool) or data is None:
+        return data
+    if isinstance(data, dict | Mapping):
         return {
             k: (_hash_value(str(k), v, key) if is_personal_key(k) else pseudonymise(v, key))
             for k, v in data.items()

@@ -115,6 +115,27 @@ def router(
         except Exception as exc:  # noqa: BLE001 - the API serves other routes; ingest retries per request
             log.warning("agency ingest: Kafka not ready at startup (%s); will retry on first request", exc)
 
+    def _process(
+        parsed: list[tuple[Any, bytes | None, Rejected | None]], agency: str, now_ms: int
+    ) -> tuple[list[dict[str, Any]], list[Record], list[DeadLetterMsg]]:
+        source = f"agency:{agency}"
+        results: list[dict[str, Any]] = []
+        ingest: list[Record] = []
+        dead: list[DeadLetterMsg] = []
+        for index, (item, raw_line, failure) in enumerate(parsed):
+            eid = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+            outcome = failure if failure is not None else prepare(
+                item, pii_key, now_ms, agency=agency, channel="http", regions=regions)
+            if isinstance(outcome, Rejected):
+                results.append({"index": index, "id": eid, "status": "rejected",
+                                "reason": outcome.reason, "message": outcome.message})
+                dead.append(dead_letter(outcome, raw_line if raw_line is not None else item, pii_key, source,
+                                        now_ms, topic=ingest_topic, index=index))
+            else:
+                ingest.append((outcome.value.key, outcome.value.value))
+                results.append({"index": index, "id": eid, "status": "accepted", "reason": None, "message": None})
+        return results, ingest, dead
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         # connect in the background: the API's other routes must not wait for Kafka
@@ -164,23 +185,8 @@ def router(
         if len(parsed) > MAX_ITEMS:
             return _problem(413, reasons.PAYLOAD_TOO_LARGE, f"{len(parsed)} events; at most {MAX_ITEMS} per request")
 
-        now_ms = int(time.time() * 1000)
-        source = f"agency:{agency}"
-        results: list[dict[str, Any]] = []
-        ingest: list[Record] = []
-        dead: list[DeadLetterMsg] = []
-        for index, (item, raw_line, failure) in enumerate(parsed):
-            eid = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
-            outcome = failure if failure is not None else prepare(
-                item, pii_key, now_ms, agency=agency, channel="http", regions=regions)
-            if isinstance(outcome, Rejected):
-                results.append({"index": index, "id": eid, "status": "rejected",
-                                "reason": outcome.reason, "message": outcome.message})
-                dead.append(dead_letter(outcome, raw_line if raw_line is not None else item, pii_key, source,
-                                        now_ms, topic=ingest_topic, index=index))
-            else:
-                ingest.append((outcome.value.key, outcome.value.value))
-                results.append({"index": index, "id": eid, "status": "accepted", "reason": None, "message": None})
+        # validation and hashing of up to 10,000 events: off the event loop
+        results, ingest, dead = await asyncio.to_thread(_process, parsed, agency, int(time.time() * 1000))
         try:
             await pub.publish(ingest, dead)
         except Exception as exc:  # noqa: BLE001 - the client must retry the whole request

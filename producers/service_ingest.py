@@ -68,7 +68,7 @@ def prepare(
     if channel is not None:
         out["aruschannel"] = channel  # http | csv
     ev = result.value
-    ev.data = pseudonymise(ev.data, pii_key)
+    ev.data = out["data"]  # never keep the clear values around
     return Ok(Prepared(ev, ev.entity_id.encode("utf-8"), orjson.dumps(out)))
 
 
