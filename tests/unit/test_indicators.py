@@ -344,3 +344,38 @@ def test_malformed_input_is_dead_lettered_not_raised(catalogue):
     out = Outputs()
     part.process(b'{"k": "zz"}', 1, T0, out)
     assert [t for t, _, _ in out.records] == ["dlq"]
+
+
+def test_stage_deletes_a_cell_whose_last_observation_moved(catalogue):
+    # the assisted event arrives before the registration that carries the PMKS category
+    part = _partition(catalogue, min_persons=1)
+    reg, assisted = welfare("w-x", KALIWATES, f"hmac:{7:032x}", "PMKS02", {"registered": T0 - 1000, "assisted": T0})
+    first, out = _feed(part, _route([assisted], catalogue))
+    assert first[("penerima-bantuan-per-pmks.NA", KALIWATES)]["value"] == 1
+    _, out = _feed(part, _route([reg], catalogue), start=1)
+    msgs = [orjson.loads(v) for t, _, v in out.records if t == "indicators"]
+    gone = [m for m in msgs if m.get("deleted")]
+    assert {(m["indicator_id"], m["region_code"]) for m in gone} == {
+        ("penerima-bantuan-per-pmks.NA", KALIWATES), ("penerima-bantuan-per-pmks.NA", KAB)}
+    moved = {(m["indicator_id"], m["region_code"]): m for m in msgs if not m.get("deleted")}
+    assert moved[("penerima-bantuan-per-pmks.PMKS02", KALIWATES)]["value"] == 1
+
+
+def test_indicator_rows_upsert_delete_and_refuse_leaky_suppressed_cells(catalogue):
+    from consumers.indicator_rows import DELETE, UPSERT, indicator_writes
+    from consumers.records import BadRecord
+
+    r = by_key(compute(catalogue, slim(known_events(), catalogue)))
+    ok = r[("pengaduan-selesai-dalam-sla", KALIWATES)]
+    [(sql, params)] = indicator_writes(ok)
+    assert sql == UPSERT and params[0] == "pengaduan-selesai-dalam-sla" and params[5:7] == (4.0, 6.0)
+    small = r[("pengaduan-selesai-dalam-sla", JOMBANG)]
+    [(_, params)] = indicator_writes(small)
+    assert params[4:7] == (None, None, None) and params[8] is True
+    with pytest.raises(BadRecord, match="suppressed"):
+        indicator_writes({**small, "value": 50.0})
+    with pytest.raises(BadRecord, match="period"):
+        indicator_writes({**ok, "period": "fortnight"})
+    [(sql, params)] = indicator_writes({"indicator_id": "x", "region_code": KAB, "period": "month",
+                                        "period_start": NOV, "deleted": True})
+    assert sql == DELETE and params[:3] == ("x", KAB, "month")
