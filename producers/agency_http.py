@@ -103,6 +103,8 @@ def router(
     if lookup is None and settings.database_url is not None:
         lookup = KeyCache(settings.database_dsn()).lookup
     pii_key = pii_key_bytes(settings.pii_key)
+    if pii_key == b"change-me-in-production":
+        log.warning("ARUS_PII_KEY is the shipped default: set a secret key before real personal data arrives")
     regions = load_regions()
     ingest_topic = settings.topic(topics.INGEST)
     prom = registry or CollectorRegistry()
