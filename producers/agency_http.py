@@ -161,6 +161,13 @@ def router(
                    413: {"description": f"body over {MAX_BODY_BYTES} bytes or over {MAX_ITEMS} events"},
                    400: {"description": "body is not JSON"},
                    503: {"description": "Kafka unavailable; retry (duplicates are harmless)"}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {
+                "description": "one CloudEvent or an array of them (schemas: schemas/jsonschema/<type>.json)",
+                "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"},
+                                                "maxItems": MAX_ITEMS}]}},
+            "application/x-ndjson": {"schema": {"type": "string", "description": "one CloudEvent per line"}},
+        }}},
     )
     async def post_events(request: Request) -> JSONResponse:
         auth = request.headers.get("authorization", "")
