@@ -16,6 +16,7 @@ Every evaluator keeps JSON-serialisable state (`snapshot`/`restore`) and talks t
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,28 +100,28 @@ class RateTracker:
     def __init__(self, rule: RateRule, book: AlertBook) -> None:
         self.over = rule.over
         self.levels = LevelTracker(rule, book)
-        self.samples: dict[str, list[list[float]]] = {}  # entity -> [[t, v], ...] in time order
+        self.samples: dict[str, tuple[list[int], list[float]]] = {}  # entity -> (times, values), in time order
 
     def observe(self, entity: str, value: float, t: int, ctx: Context, event_id: str | None, out: Outputs) -> None:
         s = self.samples.get(entity)
         if s is None:
-            s = self.samples[entity] = []
-        elif t <= s[-1][0]:
+            s = self.samples[entity] = ([], [])
+        times, values = s
+        if times and t <= times[-1]:
             return  # late or repeated sample: the rate is about the newest data
-        s.append([t, value])
+        times.append(t)
+        values.append(value)
         cut = t - self.over
-        drop = 0
-        while s[drop][0] < cut:
-            drop += 1
-        if drop:
-            del s[:drop]
-        self.levels.observe(entity, value - s[0][1], t, ctx, event_id, out)
+        if times[0] < cut:
+            drop = bisect_left(times, cut)
+            del times[:drop], values[:drop]
+        self.levels.observe(entity, value - values[0], t, ctx, event_id, out)
 
     def snapshot(self) -> dict[str, Any]:
         return {"s": self.samples, "l": self.levels.snapshot()}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        self.samples = {k: [list(x) for x in v] for k, v in payload.get("s", {}).items()}
+        self.samples = {k: (list(v[0]), list(v[1])) for k, v in payload.get("s", {}).items()}
         self.levels.restore(payload.get("l", {}))
 
 
@@ -181,7 +182,7 @@ class _Plan:
 
     __slots__ = ("absence", "ctx", "kind", "metrics", "region")
 
-    def __init__(self, kind: str, region: str, ctx: Context, metrics: dict[str, list[Any]],
+    def __init__(self, kind: str, region: str, ctx: Context, metrics: dict[str, tuple[Context, list[Any]]],
                  absence: list[AbsenceTracker]) -> None:
         self.kind, self.region, self.ctx, self.metrics, self.absence = kind, region, ctx, metrics, absence
 
@@ -217,7 +218,9 @@ class DeviceRules:
                 absence.append(self.absence[r.id])
             else:
                 metrics.setdefault(r.metric, []).append(self.trackers[r.id])
-        plan = self.plans[device] = _Plan(kind, region, (kind, region, reading.kecamatan, None), metrics, absence)
+        kec = reading.kecamatan
+        plan = self.plans[device] = _Plan(kind, region, (kind, region, kec, None),
+                                          {m: ((kind, region, kec, m), trs) for m, trs in metrics.items()}, absence)
         return plan
 
     def on_reading(self, reading: Reading, out: Outputs) -> None:
@@ -231,11 +234,10 @@ class DeviceRules:
         for tracker in plan.absence:
             tracker.seen(device, t, plan.ctx, reading.id, out)
         if metrics:
-            kind, region, kec, _ = plan.ctx
             for metric, value in reading.values.items():
-                trackers = metrics.get(metric)
-                if trackers:
-                    ctx = (kind, region, kec, metric)
+                entry = metrics.get(metric)
+                if entry is not None:
+                    ctx, trackers = entry
                     for tr in trackers:
                         tr.observe(device, value, t, ctx, reading.id, out)
 

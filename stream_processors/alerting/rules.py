@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from schemas.alerts import SEVERITIES
 from schemas.errors import ConfigError
@@ -132,6 +140,7 @@ class _Rule(BaseModel):
     reopen_window: DurationMs = parse_duration("15m")  # a re-trigger this soon after auto-resolve re-opens
     max_reopens: int = Field(3, ge=0)  # more re-opens than this within flap_window = flapping
     flap_window: DurationMs = parse_duration("1h")
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)  # severity -> message template
 
     @model_validator(mode="after")
     def _scope(self) -> _Rule:
@@ -159,18 +168,15 @@ class _Rule(BaseModel):
                 and self.matches_region(region))
 
     def describe(self, entity: str, severity: str, value: float | None) -> str:
-        shown = "" if value is None else f"{value:.4g}"
-        if self.message:
-            return self.message.format_map(_Safe(entity=entity, severity=severity, value=shown))
-        return self.default_message(entity, severity, shown)
+        """The alert's message: the rule's `message` or a default, with {entity} {value} {severity}."""
+        template = self._templates.get(severity)
+        if template is None:
+            template = self._templates[severity] = (
+                self.message or self.default_message("{entity}", severity, "{value}")).replace("{severity}", severity)
+        return template.replace("{entity}", entity).replace("{value}", "" if value is None else f"{value:.4g}")
 
     def default_message(self, entity: str, severity: str, value: str) -> str:
-        return f"{self.id} ({severity}) on {entity}" + (f": {value}" if value else "")
-
-
-class _Safe(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+        return f"{self.id} ({severity}) on {entity}"
 
 
 class _Leveled(_Rule):
