@@ -4,6 +4,7 @@
                [--profile DIR] [--keep]
 
     arus bench soak [--minutes N] [--soak-rate R]   (opt-in: RSS per process over time, lag, dead letters)
+    arus bench query [--quick]   (opt-in: a year for 500 devices; /v1/series and SQL p50/p95, bench/query.py)
 
 Stages: transport, gateway, worker, sink, e2e, latency, alert, window_state (all by default). Services are
 embedded (Tansu, PostgreSQL, mosquitto in a temporary directory) unless ARUS_KAFKA_BOOTSTRAP,
@@ -33,7 +34,7 @@ from bench.stack import machine_info
 from bench.stages import OPT_IN, STAGE_KEYS, STAGES, Context, Sizes, StageError
 from bench.stats import build_document, format_table
 
-SERVICE_FREE = {"window_state"}  # stages that need no Kafka/PostgreSQL/MQTT
+SERVICE_FREE = {"window_state", "query"}  # query: PostgreSQL only (its own, or the session's)  # stages that need no Kafka/PostgreSQL/MQTT
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> int:
         argv = argv[1:]
     if argv[:1] == ["soak"]:  # `arus bench soak --minutes N`
         argv = ["--only", "soak", *argv[1:]]
+    if argv[:1] == ["query"]:  # `arus bench query [--quick]`: a year for 500 devices, /v1/series p50/p95
+        argv = ["--only", "query", *argv[1:]]
     args = parse_args(argv)
     logging.getLogger("infra").setLevel(logging.WARNING)  # topic creation and migrations are not news here
     sizes = sizes_from(args)

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from bench import data
+from bench.query import query
 from bench.stack import KafkaWatch, Proc, Procs, Stack, drop_mqtt_session, metric, scrape
 from bench.stats import Sample, latency_summary, steady_window
 from infra import embedded
@@ -52,12 +53,18 @@ class Sizes:
     alert_rate: float = 20.0  # alert stage: of them per second
     soak_minutes: float = 10.0
     soak_rate: float = 2_000.0
+    query_devices: int = 500
+    query_days: int = 365
+    query_agg_days: int = 7
+    query_raw_hours: int = 24
+    query_reps: int = 20
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(devices=400, transport_n=20_000, gateway_n=5_000, worker_n=20_000, sink_n=20_000,
                    rate=1_000.0, seconds=5.0, latency_rate=200.0, latency_seconds=5.0, publishers=1,
-                   window_keys=10_000, warmup_s=1.0, alert_n=40, soak_minutes=1.0, soak_rate=500.0)
+                   window_keys=10_000, warmup_s=1.0, alert_n=40, soak_minutes=1.0, soak_rate=500.0,
+                   query_devices=100, query_days=30, query_agg_days=2, query_raw_hours=6, query_reps=5)
 
 
 @dataclass
@@ -840,8 +847,9 @@ STAGES: dict[str, Callable[[Context], tuple[Figures, Details]]] = {
     "alert": alert,
     "window_state": window_state,
     "soak": soak,
+    "query": query,
 }
-OPT_IN = {"soak"}  # not part of a plain `arus bench`: `arus bench soak --minutes N`
+OPT_IN = {"soak", "query"}  # not part of a plain `arus bench`: `arus bench soak --minutes N`
 # The figures each stage is responsible for (null when the stage fails).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "transport": ("transport_eps", "transport_produce_eps"),
@@ -853,4 +861,5 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "alert": ("alert_latency_p50_ms", "alert_latency_p99_ms"),
     "window_state": ("window_state_bytes_per_key",),
     "soak": ("soak_rss_flat", "soak_lost_events", "soak_rss_growth_mb_max"),
+    "query": ("query_year_daily_p95_ms", "query_day_minutes_p95_ms", "query_api_worst_p95_ms"),
 }

@@ -212,6 +212,7 @@ def plan(params: dict[str, str], settings: Settings, now: datetime) -> Plan:
     if bucket not in BUCKETS:
         raise BadParameter("bucket", f"unknown bucket {bucket[:20]!r}", list(BUCKETS))
     width = BUCKETS[bucket]
+    requested = hi - lo
     lo, hi = align(lo, hi, width)
     span = hi - lo
     points = math.ceil(span / width)
@@ -222,7 +223,8 @@ def plan(params: dict[str, str], settings: Settings, now: datetime) -> Plan:
         raise BadParameter("agg", f"p95 is computed from raw readings, for ranges up to "
                                   f"{settings.series_raw_max_days} days; this range is {span}")
     level = regions[region].level if region is not None else ("device" if device else "kabupaten")
-    return Plan(metric, region, level, device, lo, hi, bucket, agg, fmt, choose_source(width, agg, span))
+    # the source follows the range asked for ("the last 7 days"), not its rounding to whole buckets
+    return Plan(metric, region, level, device, lo, hi, bucket, agg, fmt, choose_source(width, agg, requested))
 
 
 def build_query(p: Plan) -> tuple[sql.Composed, dict[str, Any]]:
