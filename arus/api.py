@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 
 import psycopg
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from arus.routes.alerts import routes as alerts_routes
@@ -26,6 +28,16 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     prom = registry or CollectorRegistry()
     requests = Counter("arus_api_requests_total", "HTTP requests", ["path"], registry=prom)
     app = FastAPI(title="Arus API", version="1", description="Jember smart-city data platform")
+
+    @app.middleware("http")
+    async def refuse_control_characters(request: Request, call_next: Any) -> Response:
+        # PostgreSQL text cannot hold NUL and no identifier, code or filter of ours contains control
+        # characters: refuse them once here, with a clear message, instead of in every handler.
+        raw = unquote(request.url.path + "?" + (request.url.query or ""))
+        if any(ord(c) < 32 or c == "\x7f" for c in raw):
+            return JSONResponse({"detail": "the path and query parameters must not contain NUL or other "
+                                           "control characters"}, status_code=400)
+        return await call_next(request)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -56,6 +56,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif top == "chaos":
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.chaos)
+        elif top == "security":
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.security)
 
 
 @pytest.hookimpl(tryfirst=True)
