@@ -102,22 +102,18 @@ def event_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def stream_message(row: dict[str, Any]) -> dict[str, Any]:
-    """One joined alert_events x alerts row -> the SSE data: the event, and the alert after it (the
-    stored alert with this event's state, severity and value)."""
+    """One joined alert_events x alerts row -> the SSE data: the event, and the alert after it: the
+    stored alert with this event's severity and value. Its state (and who acknowledged or resolved
+    it) is always the stored one: an operator's acknowledgement or resolution stands even when the
+    stream, not yet aware of it, emits a transition that still says `open` (the sink keeps the
+    operator's state in the row, schemas/alerts.py)."""
     ev = event_json({c: row[f"e_{c}"] for c in _EVENT_COLUMNS})
     alert: dict[str, Any] | None = None
     if row.get("a_id") is not None:
         alert = alert_json({c: row[f"a_{c}"] for c in (*_ALERT_COLUMNS, "kecamatan_name")})
-        alert["severity"], alert["state"] = ev["severity"], ev["state"]
+        alert["severity"] = ev["severity"]
         if ev["value"] is not None:
             alert["value"] = ev["value"]
-        if ev["state"] == "open":
-            for f in ("acknowledged_at", "acknowledged_at_wib", "acknowledged_by",
-                      "resolved_at", "resolved_at_wib", "resolved_by"):
-                alert[f] = None
-        elif ev["state"] == "acknowledged":
-            for f in ("resolved_at", "resolved_at_wib", "resolved_by"):
-                alert[f] = None
     return {"seq": ev["seq"], "alert": alert, "event": ev}
 
 

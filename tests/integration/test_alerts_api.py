@@ -305,6 +305,16 @@ def test_one_ack_reaches_every_stream_client(api):
             ack = r.events[-1].data
             assert ack is not None and ack["alert"]["state"] == "acknowledged"
             assert ack["alert"]["acknowledged_by"] == "rina" and ack["event"]["actor"] == "rina"
+        # the stream, not yet aware of the ack, escalates: the sink keeps the row acknowledged, and
+        # the SSE data shows the operator's state with the transition's severity
+        pg_fetch(dsn, "INSERT INTO alert_events (dedup, alert_id, time, transition, severity, state, actor, value)"
+                      " VALUES (%s, %s, now(), 'updated', 'critical', 'open', 'stream', 9.9)",
+                 [f"{alert_id}:9", alert_id])
+        for r in readers:
+            wait_until(lambda r=r: len(r.events) == 3, 5, message="third event")
+            data = r.events[-1].data
+            assert data is not None and data["event"]["state"] == "open"
+            assert data["alert"]["state"] == "acknowledged" and data["alert"]["value"] == 9.9
         # one LISTEN connection for the whole process, however many clients
         apps = pg_fetch(dsn, "SELECT application_name, count(*) FROM pg_stat_activity"
                              " WHERE datname = current_database() AND application_name LIKE 'arus-api%%' GROUP BY 1")
