@@ -411,3 +411,70 @@ def test_stream_keeps_seq_order_when_writers_commit_out_of_order(api):
         assert reader.seqs() == [low, high]
     finally:
         reader.close()
+
+
+def test_end_to_end_reading_to_stream_and_operator_command_back_to_the_stream(
+        arus_env, spawn_arus, fresh_database_url, mqtt_url, tmp_path):
+    """A real reading over MQTT opens an alert that arrives on the SSE stream; an operator's ack
+    through the API reaches the stream processor (its next escalation says `acknowledged`); after
+    an operator's resolve, the next trigger opens a new alert."""
+    import psycopg
+
+    from infra.devices import add_device
+    from tests.helpers import publish_mqtt, wait_pipeline_ready
+
+    gauge = f"wl-op-{uuid.uuid4().hex[:6]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: river-op\n    kind: water_level\n    metric: waterLevel\n"
+                     "    type: threshold\n    levels:\n"
+                     "      - {severity: warning,  above: 2.0, clear_below: 1.8}\n"
+                     "      - {severity: critical, above: 3.0, clear_below: 2.8}\n    for: 1\n")
+    env = arus_env(database_url=fresh_database_url, ARUS_RULES_FILE=str(rules), ARUS_SSE_HEARTBEAT_S="1",
+                   ARUS_GATEWAY_CLIENT_ID=f"gw-{gauge}", ARUS_WORKER_SESSION_TIMEOUT_MS="2000",
+                   ARUS_CHECKPOINT_INTERVAL_MS="300")
+    dsn = fresh_database_url
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        add_device(conn, gauge, "water_level", "35.09.19.1001")
+    for name in ("gateway", "worker", "sink", "api"):
+        spawn_arus(name, env=env)
+    base = f"http://127.0.0.1:{env['ARUS_HTTP_PORT']}"
+    wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 30, message="api answers")
+    wait_pipeline_ready(dsn, mqtt_url)
+    token = add_operator(env, "bpbd.piket")
+    reader = SSEReader(f"{base}/v1/alerts/stream", params={"rule": "river-op"}).start()
+
+    def send(level: float) -> None:
+        publish_mqtt(mqtt_url, [(f"jember/v1/{gauge}/telemetry",
+                                 orjson.dumps({"ts": datetime.now(UTC).isoformat(), "values": {"waterLevel": level}}))])
+
+    def events(transition: str) -> list[dict]:
+        return [e.data for e in reader.events if e.event == transition and e.data]
+
+    try:
+        reader.wait_connected()
+        send(2.4)
+        opened = wait_until(lambda: events("opened"), 30, message="opened on the stream")[0]
+        alert_id = opened["alert"]["id"]
+        assert opened["alert"]["entity"] == gauge and opened["alert"]["severity"] == "warning"
+        auth = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"{base}/v1/alerts/{alert_id}/ack", headers=auth, timeout=15)
+        assert r.status_code == 200 and r.json()["command"] == "sent", r.text
+        send(3.5)
+        esc = wait_until(lambda: events("escalated"), 30, message="escalated on the stream")[0]
+        assert esc["alert"]["id"] == alert_id and esc["event"]["severity"] == "critical"
+        assert esc["event"]["state"] == "acknowledged", "the stream processor learned the operator's ack"
+        assert esc["alert"]["acknowledged_by"] == "bpbd.piket"
+        # the stream's own record of the command collapses into the API's row: one acknowledged event
+        assert pg_scalar(dsn, "SELECT count(*) FROM alert_events WHERE alert_id = %s AND transition = 'acknowledged'",
+                         [alert_id]) == 1
+        assert httpx.post(f"{base}/v1/alerts/{alert_id}/resolve", headers=auth, timeout=15).status_code == 200
+        # the command was on the gauge's ingest partition before this reading (same key, produced
+        # before the API answered): the stream has it, and a new trigger opens a new alert
+        send(3.6)
+        fresh = wait_until(lambda: [o for o in events("opened") if o["alert"]["id"] != alert_id], 30,
+                           message="a new alert opens after the operator's resolve")
+        assert fresh[0]["alert"]["entity"] == gauge and fresh[0]["alert"]["severity"] == "critical"
+        assert pg_scalar(dsn, "SELECT state FROM alerts WHERE id = %s", [alert_id]) == "resolved"
+        assert pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE raw LIKE %s", [f"%{alert_id}%"]) == 0
+    finally:
+        reader.close()
