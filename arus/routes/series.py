@@ -34,20 +34,24 @@ import csv
 import io
 import math
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from infra.settings import Settings
 from schemas.regions import KABUPATEN_CODE, load_regions
 from schemas.sensors import SENSOR_KINDS
 
+T = TypeVar("T")
 WIB = ZoneInfo("Asia/Jakarta")
 ORIGIN = datetime(2000, 1, 1, tzinfo=timezone(timedelta(hours=7)))  # 00:00 WIB: origin of every bucket
 BUCKETS: dict[str, timedelta] = {
@@ -271,14 +275,56 @@ def _wib(t: datetime) -> str:
     return t.astimezone(WIB).isoformat()
 
 
+class IdleConnections:
+    """A few idle read-only connections kept for the next request (a new connection costs more than
+    most series queries). No background thread: a connection is made on demand, checked when taken,
+    closed when it is broken, busy or surplus."""
+
+    def __init__(self, settings: Settings, keep: int = 4) -> None:
+        self.settings = settings
+        self.keep = keep
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def _new(self) -> psycopg.Connection[Any]:
+        s = self.settings
+        return psycopg.connect(
+            s.database_dsn(), connect_timeout=5, autocommit=True, application_name="arus-api-series",
+            options=f"-c default_transaction_read_only=on -c statement_timeout={s.series_statement_timeout_ms}",
+        )
+
+    def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        reused = conn is not None
+        if conn is None or conn.closed or conn.broken:
+            conn, reused = self._new(), False
+        try:
+            result = fn(conn)
+        except psycopg.OperationalError:
+            conn.close()
+            if not reused:
+                raise
+            conn = self._new()  # the idle one had died (server restart): once more on a new one
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if len(self._idle) < self.keep and conn.info.transaction_status == TransactionStatus.IDLE:
+                self._idle.append(conn)
+                return result
+        conn.close()
+        return result
+
+
 def routes(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["series"])
-
-    def _connect() -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            settings.database_dsn(), connect_timeout=5, application_name="arus-api-series",
-            options=f"-c default_transaction_read_only=on -c statement_timeout={settings.series_statement_timeout_ms}",
-        )
+    conns = IdleConnections(settings)
 
     @router.get("/v1/series", summary="One metric over time for a region or a device")
     def series(request: Request) -> Response:
@@ -291,12 +337,16 @@ def routes(settings: Settings) -> APIRouter:
         except BadParameter as bad:
             return bad.response()
         query, params = build_query(p)
-        with _connect() as conn:
-            if p.device is not None:
-                known = conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (p.device,)).fetchone()
-                if known is None:
-                    return BadParameter("device", f"unknown device {p.device!r}").response()
-            rows = conn.execute(query, params).fetchall()
+
+        def fetch(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]] | None:
+            if p.device is not None and conn.execute(
+                    "SELECT 1 FROM devices WHERE device_id = %s", (p.device,)).fetchone() is None:
+                return None
+            return conn.execute(query, params).fetchall()
+
+        rows = conns.run(fetch)
+        if rows is None:
+            return BadParameter("device", f"unknown device {p.device!r}").response()
         points = [(t, float(v) if v is not None else None, int(n)) for t, v, n in rows]
         if p.fmt == "csv":
             buf = io.StringIO()
