@@ -137,6 +137,7 @@ class IndicatorPartition:
         self.entity_retention_ms = entity_retention_ms
         self.max_future_ms = max_future_ms
         self.frequencies = sorted({i.frequency for i in catalogue.indicators})
+        self._swept_hour = -1
 
     # -- hot path -------------------------------------------------------------------------------
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
@@ -191,6 +192,11 @@ class IndicatorPartition:
             ind = st.catalogue.get(series.partition(".")[0])
             if ind is None or not st.is_open(ind, int(start)):
                 st.drop("cells", ck)
+        # entities expire on a scale of days: sweep them when the watermark enters a new hour, not at
+        # every checkpoint (a sweep is O(entities))
+        if st.wm // HOUR_MS == self._swept_hour:
+            return
+        self._swept_hour = st.wm // HOUR_MS
         for ekey, entity in list(st.entities.items()):
             u = int(entity["u"])
             # every cell the entity's latest event can touch is closed: a redelivery can no longer count

@@ -148,3 +148,52 @@ def test_live_indicators_equal_hand_computed_and_recompute(stack, spawn_arus):
     assert fiware[0]["kpiValue"] == 62.5 and fiware[0]["currentStanding"] == "bad"
     assert client.get("/v1/indicators/nope").status_code == 404
     assert client.get("/v1/indicators/waktu-respons-ambulans/metadata").json()["unit"] == "menit"
+
+
+def produce(env: dict, events: list[dict], wins: list[dict] = ()) -> None:
+    prefix = env["ARUS_TOPIC_PREFIX"]
+    producer = KafkaProducer(bootstrap_servers=env["ARUS_KAFKA_BOOTSTRAP"], acks="all")
+    try:
+        for e in events:
+            producer.send(prefix + "service-events", key=e["entity_id"].encode(), value=orjson.dumps(e))
+        for w in wins:
+            producer.send(prefix + "aggregates", key=f"kecamatan|{w['key']}|pm25|{w['window_start']}".encode(),
+                          value=orjson.dumps(w))
+        producer.flush(30)
+    finally:
+        producer.close()
+
+
+def test_worker_killed_mid_stream_loses_and_duplicates_nothing(arus_env, spawn_arus, fresh_database_url):
+    env = arus_env(database_url=fresh_database_url, ARUS_WORKER_SESSION_TIMEOUT_MS="2000",
+                   ARUS_CHECKPOINT_INTERVAL_MS="200")
+    dsn = env["ARUS_DATABASE_URL"]
+    spawn_arus("sink", env=env)
+    worker = spawn_arus("worker", env=env, name="worker-1")
+    events = known_events()
+    half = len(events) // 2
+    produce(env, events[:half])
+    wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM indicator_values") > 0, 90, interval=0.2,
+               message="the first half produced indicator values")
+    worker.kill()  # SIGKILL: no final checkpoint
+    produce(env, events[half:] + events[: half // 2])  # the rest, and a redelivery of some
+    worker2 = spawn_arus("worker", env=env, name="worker-2")
+    nov = datetime.fromisoformat("2026-11-01T00:00:00+07:00")
+    expected = {k: v for k, v in expected_rows(load_catalogue(), events, []).items() if k[3] >= nov}
+
+    def settled():
+        got = {k: dict(zip(COLUMNS, v, strict=True)) for k, v in table(dsn).items() if k[3] >= nov}
+        if set(got) != set(expected):
+            return None
+        for key, exp in expected.items():
+            for name in ("value", "numerator", "denominator", "n_persons", "suppressed", "standing"):
+                want, have = exp[name], got[key][name]
+                if isinstance(want, float) and isinstance(have, float):
+                    if abs(want - have) > 1e-9:
+                        return None
+                elif want != have:
+                    return None
+        return got
+
+    wait_until(settled, 120, interval=0.3, message="indicator_values equal the batch values after the crash")
+    assert worker2.alive(), worker2.log_tail()

@@ -302,6 +302,8 @@ def test_stage_ignores_events_for_closed_periods(catalogue):
     moved = [(t, k, orjson.dumps({**orjson.loads(v), "t": orjson.loads(v)["t"] + 30 * 86_400_000})) for t, k, v in later]
     _feed(part, moved, now=T0 + 31 * 86_400_000)
     assert not any(k.endswith(f"|{NOV}") for k in part.state.cells)
+    assert "jember.complaint.v1|c-a" not in part.state.entities  # its lifecycle closed, its cells too
+    assert "jember.complaint.v1|c-b" in part.state.entities
     # a late November complaint no longer re-creates a partial November cell
     late, _ = _feed(part, _route(complaint("c-c", KALIWATES, 5), catalogue), now=T0 + 31 * 86_400_000)
     assert not any(r["period_start"] == NOV for r in late.values())
