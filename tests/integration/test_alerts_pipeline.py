@@ -28,6 +28,8 @@ rules:
       - {severity: critical, above: 3.0, clear_below: 2.8}
     for: 2
   - {id: silent, device: DEVICE, type: absence, after: 8s, severity: major}
+  - {id: complaint-sla, event: jember.complaint.v1, type: sla, start: opened, end: resolved, within: 6s,
+     severity: warning}
 """
 
 FLOOD = [1.0, 1.5, 1.9, 2.05, 1.95, 2.1, 2.15, 2.3, 2.6, 2.9, 3.05, 2.95, 3.1, 3.2, 3.4, 3.1, 2.9,
@@ -130,6 +132,40 @@ def test_silent_gauge_opens_an_absence_alert_acknowledged_then_resolved(pipeline
     assert events[1][2] == command_dedup(alert_id, "cmd-1")
     assert pg_scalar(dsn, "SELECT acknowledged_by FROM alerts WHERE id = %s", [alert_id]) == "budi"
     assert pg_scalar(dsn, "SELECT count(*) FROM alerts WHERE rule_id = 'silent'") == 1
+
+
+def test_complaint_sla_from_service_events(pipeline, kafka_bootstrap):
+    env, _, _ = pipeline
+    dsn = env["ARUS_DATABASE_URL"]
+    suffix = uuid.uuid4().hex[:6]
+    late, quick = f"P-late-{suffix}", f"P-quick-{suffix}"
+    now = datetime.now(UTC)
+
+    def complaint(cid: str, status: str, t: datetime) -> dict:
+        data = {"complaint_id": cid, "status": status, "category": "jalan_rusak", "agency": "dpupr"}
+        return {"specversion": "1.0", "id": f"{cid}/{status}", "source": "agency.kafka", "type": "jember.complaint.v1",
+                "time": t.isoformat(), "region": "35.09.19", "datacontenttype": "application/json", "data": data}
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    topic = env["ARUS_TOPIC_PREFIX"] + "ingest"
+    for cid, status, t in [(late, "opened", now), (quick, "opened", now), (quick, "resolved", now + timedelta(seconds=2))]:
+        producer.send(topic, orjson.dumps(complaint(cid, status, t)), key=cid.encode())
+    producer.flush(10)
+
+    def sla_rows():
+        return pg_fetch(dsn, "SELECT entity, id, state, opened_at, kecamatan FROM alerts WHERE rule_id = 'complaint-sla'")
+
+    (row,) = wait_until(sla_rows, 60, message="the unresolved complaint breaches its SLA")
+    assert row[0] == late and row[2] == "open" and row[4] == "35.09.19"
+    assert row[3] == now.replace(microsecond=now.microsecond // 1000 * 1000) + timedelta(seconds=6)
+    producer.send(topic, orjson.dumps(complaint(late, "resolved", now + timedelta(seconds=30))), key=late.encode())
+    producer.flush(10)
+    producer.close()
+    wait_until(lambda: pg_scalar(dsn, "SELECT state FROM alerts WHERE id = %s", [row[1]]) == "resolved", 60,
+               message="resolving the complaint resolves its SLA alert")
+    assert [e[0] for e in pg_fetch(dsn, "SELECT transition FROM alert_events WHERE alert_id = %s ORDER BY seq",
+                                   [row[1]])] == ["opened", "resolved"]
+    assert len(sla_rows()) == 1  # the quick complaint never breached
 
 
 def _message(version: int, transition: str, state: str, severity: str = "warning", **alert: object) -> dict:
