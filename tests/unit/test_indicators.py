@@ -381,3 +381,23 @@ def test_indicator_rows_upsert_delete_and_refuse_leaky_suppressed_cells(catalogu
     [(sql, params)] = indicator_writes({"indicator_id": "x", "region_code": KAB, "period": "month",
                                         "period_start": NOV, "deleted": True})
     assert sql == DELETE and params[:3] == ("x", KAB, "month")
+
+
+def test_sensor_route_reads_what_region_merge_emits():
+    """The route skips device windows by a byte prefix: the kecamatan message must keep `scope` first."""
+    from stream_processors.region_merge import RegionMergePartition
+
+    merge = RegionMergePartition(0, "t.internal.region-partials", 60_000, 0)
+    out = Outputs()
+    h0 = ms("2026-11-10T08:00:00+07:00")
+    partial = {"kecamatan": KALIWATES, "metric": "pm25", "window_start": h0, "window_end": h0 + 60_000,
+               "src": "t.ingest:0", "state": [2.0, 50.0, 70.0, 120.0, 70.0, float(h0 + 1000)], "watermark": h0}
+    merge.process(orjson.dumps(partial), 0, h0, out)
+    merge.flush(out)
+    [(topic, _, raw)] = out.records
+    assert topic == "aggregates"
+    routed = Outputs()
+    SensorRoute(0, "t.aggregates", load_catalogue()).process(raw, 0, h0, routed)
+    [(_, key, value)] = routed.records
+    assert key == b"35.09" and orjson.loads(value) == {"k": "agg", "kec": KALIWATES, "metric": "pm25", "ws": h0,
+                                                     "we": h0 + 60_000, "sum": 120.0, "count": 2.0}
