@@ -196,3 +196,27 @@ def test_timescale_path(empty_db: str) -> None:
     assert pg_scalar(empty_db, "SELECT (config->>'drop_after')::interval FROM timescaledb_information.jobs"
                                " WHERE proc_name = 'policy_retention' AND hypertable_name = 'readings'") \
         == timedelta(days=300)
+
+
+def test_job_task_rolls_up_and_stops_promptly(fresh_database_url: str) -> None:
+    """The task as `arus sink` runs it: it keeps the rollups current and stops when asked."""
+    import asyncio
+
+    from tests.helpers import wait_until_async
+
+    dsn = fresh_database_url
+    plain_only(dsn)
+    job = RollupJob(Settings(database_url=dsn, rollup_interval_s=0.2))
+
+    async def scenario() -> float:
+        task = asyncio.create_task(job.run())
+        insert_minutes(dsn, datetime(2026, 1, 5, 0, 0, tzinfo=UTC), 90)
+        await wait_until_async(lambda: pg_fetch(dsn, HOURLY) == pg_fetch(dsn, HOURLY_TRUTH)
+                               and len(pg_fetch(dsn, HOURLY)) == 4, 20, message="rollups follow the aggregates")
+        job.request_stop()
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(task, 10)
+        return asyncio.get_running_loop().time() - t0
+
+    assert asyncio.run(scenario()) < 5
+    assert job._conn is None or job._conn.closed
