@@ -49,10 +49,10 @@ def pipeline(arus_env, spawn_arus, fresh_database_url, mqtt_url, tmp_path):
     with psycopg.connect(env["ARUS_DATABASE_URL"], autocommit=True) as conn:
         for d in [*gauges, quiet]:
             add_device(conn, d, "water_level", "35.09.19.1001")  # Kaliwates
-    procs = [spawn_arus(name, env=env) for name in ("gateway", "worker", "sink")]
+    procs = {name: spawn_arus(name, env=env) for name in ("gateway", "worker", "sink")}
     wait_pipeline_ready(env["ARUS_DATABASE_URL"], mqtt_url)
-    yield env, gauges, quiet
-    for p in procs:
+    yield env, gauges, quiet, procs
+    for p in procs.values():
         assert p.alive(), f"{p.name} died:\n{p.log_tail()}"
 
 
@@ -61,7 +61,7 @@ def reading(device: str, t: datetime, level: float) -> tuple[str, bytes]:
 
 
 def test_noisy_flood_one_alert_per_gauge_escalated_and_resolved(pipeline, mqtt_url):
-    env, gauges, _ = pipeline
+    env, gauges, _, _ = pipeline
     dsn = env["ARUS_DATABASE_URL"]
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=120)
     messages = []
@@ -98,7 +98,7 @@ def test_noisy_flood_one_alert_per_gauge_escalated_and_resolved(pipeline, mqtt_u
 
 
 def test_silent_gauge_opens_an_absence_alert_acknowledged_then_resolved(pipeline, mqtt_url, kafka_bootstrap):
-    env, _, quiet = pipeline
+    env, _, quiet, _ = pipeline
     dsn = env["ARUS_DATABASE_URL"]
     now = datetime.now(UTC).replace(microsecond=0)
     publish_mqtt(mqtt_url, [reading(quiet, now - timedelta(seconds=2), 1.0)])
@@ -135,7 +135,7 @@ def test_silent_gauge_opens_an_absence_alert_acknowledged_then_resolved(pipeline
 
 
 def test_complaint_sla_from_service_events(pipeline, kafka_bootstrap):
-    env, _, _ = pipeline
+    env, _, _, _ = pipeline
     dsn = env["ARUS_DATABASE_URL"]
     suffix = uuid.uuid4().hex[:6]
     late, quick = f"P-late-{suffix}", f"P-quick-{suffix}"
@@ -166,6 +166,31 @@ def test_complaint_sla_from_service_events(pipeline, kafka_bootstrap):
     assert [e[0] for e in pg_fetch(dsn, "SELECT transition FROM alert_events WHERE alert_id = %s ORDER BY seq",
                                    [row[1]])] == ["opened", "resolved"]
     assert len(sla_rows()) == 1  # the quick complaint never breached
+
+
+def test_worker_killed_mid_flood_resumes_the_same_alert(pipeline, mqtt_url, spawn_arus):
+    env, gauges, _, procs = pipeline
+    dsn = env["ARUS_DATABASE_URL"]
+    gauge = gauges[0]
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=120)
+    flood = [reading(gauge, start + timedelta(seconds=2 * i), level) for i, level in enumerate(FLOOD)]
+    publish_mqtt(mqtt_url, flood[:15])  # up to critical (3.4 at index 14)
+
+    def row():
+        return pg_fetch(dsn, "SELECT id, severity, state, version FROM alerts WHERE rule_id = 'river' AND entity = %s",
+                        [gauge])
+
+    wait_until(lambda: row() and row()[0][1] == "critical", 60, message="the alert escalated to critical")
+    procs["worker"].kill()  # SIGKILL: whatever was not checkpointed is replayed by the next worker
+    publish_mqtt(mqtt_url, flood[15:])
+    procs["worker"] = spawn_arus("worker", env=env, name="worker-2")
+    wait_until(lambda: row() and row()[0][2] == "resolved", 90, message="the restarted worker resolves the alert")
+    ((alert_id, severity, state, version),) = row()
+    assert (severity, state, version) == ("warning", "resolved", 4)
+    events = pg_fetch(dsn, "SELECT transition FROM alert_events WHERE alert_id = %s ORDER BY seq", [alert_id])
+    assert [e[0] for e in events] == ["opened", "escalated", "deescalated", "resolved"]
+    assert pg_scalar(dsn, "SELECT count(*) FROM alert_events e JOIN alerts a ON a.id = e.alert_id"
+                          " WHERE a.entity = %s", [gauge]) == 4
 
 
 def _message(version: int, transition: str, state: str, severity: str = "warning", **alert: object) -> dict:
