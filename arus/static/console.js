@@ -3,7 +3,7 @@
 (function () {
   const SEVERITIES = ["info", "warning", "major", "critical"];
   const SEV_LABEL = { info: "Info", warning: "Waspada", major: "Siaga", critical: "Awas" };
-  const STATE_LABEL = { open: "Terbuka · open", acknowledged: "Diakui · acknowledged", resolved: "Selesai · resolved" };
+  const STATE_LABEL = { open: ["Terbuka", "open"], acknowledged: ["Diakui", "acknowledged"], resolved: ["Selesai", "resolved"] };
   const TRANSITIONS = ["opened", "escalated", "deescalated", "updated", "acknowledged", "resolved", "reopened"];
   const KINDS = ["water_level", "rainfall", "air_quality", "traffic_flow", "streetlight", "waste_container", "noise"];
   const TOKEN_KEY = "arus.operatorToken";
@@ -88,16 +88,17 @@
     actions.append(el("button", { class: "resolve", type: "button", title: "Resolve", onclick: () => command(a.id, "resolve") },
       "Selesai ", el("small", {}, "resolve")));
     const kecName = a.kecamatan_name || kecamatanNames.get(a.kecamatan) || a.kecamatan || "-";
-    const who = a.state === "acknowledged" && a.acknowledged_by ? el("span", { class: "msg" }, "oleh " + a.acknowledged_by) : null;
+    const who = a.state === "acknowledged" && a.acknowledged_by ? el("span", { class: "msg" }, "oleh · by " + a.acknowledged_by) : null;
+    const [stateId, stateEn] = STATE_LABEL[a.state] || [a.state, ""];
     return el("tr", { class: "alert", "data-alert-id": a.id, "data-state": a.state, "data-severity": a.severity },
       el("td", {}, el("span", { class: "sev sev-" + a.severity, title: a.severity }, SEV_LABEL[a.severity] || a.severity)),
-      el("td", { class: "state state-" + a.state }, STATE_LABEL[a.state] || a.state, who),
-      el("td", {}, kecName),
-      el("td", {}, a.entity, el("span", { class: "msg" }, [a.kind, a.metric].filter(Boolean).join(" · "))),
-      el("td", {}, a.rule_id, a.message ? el("span", { class: "msg" }, a.message) : null),
-      el("td", {}, a.value === null || a.value === undefined ? "-" : String(Math.round(a.value * 100) / 100)),
-      el("td", { title: a.opened_at_wib || "" }, wibTime(a.opened_at_wib), el("span", { class: "msg" }, wibDay(a.opened_at_wib))),
-      el("td", { title: a.updated_at_wib || "" }, wibTime(a.updated_at_wib)),
+      el("td", { class: "state state-" + a.state }, stateId + " ", el("small", {}, stateEn), who),
+      el("td", { class: "nowrap" }, kecName),
+      el("td", { class: "nowrap" }, a.entity, el("span", { class: "msg" }, [a.kind, a.metric].filter(Boolean).join(" · "))),
+      el("td", { class: "value" }, a.value === null || a.value === undefined ? "-" : String(Math.round(a.value * 100) / 100)),
+      el("td", { class: "rule" }, a.rule_id, a.message ? el("span", { class: "msg" }, a.message) : null),
+      el("td", { class: "nowrap", title: "mulai · opened " + (a.opened_at_wib || "") },
+        wibTime(a.updated_at_wib), el("span", { class: "msg" }, "mulai " + wibTime(a.opened_at_wib) + " · " + wibDay(a.opened_at_wib))),
       actions);
   }
 
