@@ -478,3 +478,23 @@ def test_end_to_end_reading_to_stream_and_operator_command_back_to_the_stream(
         assert pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE raw LIKE %s", [f"%{alert_id}%"]) == 0
     finally:
         reader.close()
+
+
+def test_api_stops_promptly_with_stream_clients_connected(arus_env, spawn_arus, fresh_database_url):
+    env = arus_env(database_url=fresh_database_url, create_topics=False)
+    api = spawn_arus("api", env=env)
+    base = f"http://127.0.0.1:{env['ARUS_HTTP_PORT']}"
+    wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 30, message="api answers")
+    readers = [SSEReader(f"{base}/v1/alerts/stream").start() for _ in range(2)]
+    try:
+        for r in readers:
+            r.wait_connected()
+        t0 = time.monotonic()
+        code = api.stop(timeout=15)
+        took = time.monotonic() - t0
+        assert took < 8, f"shutdown waited {took:.1f}s for SSE clients"
+        assert code is not None and code in (0, -15), code
+        print(f"stopped in {took:.2f}s, exit {code}")
+    finally:
+        for r in readers:
+            r.close()
