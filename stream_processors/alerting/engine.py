@@ -31,8 +31,8 @@ LeveledRule = ThresholdRule | RateRule | AggregateRule
 class LevelTracker:
     """State per entity: [level, held, streak_0..n-1, since_0..n-1]; absent while calm."""
 
-    __slots__ = ("book", "clears", "enters", "for_ms", "for_n", "n", "rule", "severities", "sign", "state",
-                 "threshold")
+    __slots__ = ("book", "clears", "enters", "for_ms", "for_n", "n", "open", "rule", "severities", "sign",
+                 "simple", "state", "threshold")
 
     def __init__(self, rule: LeveledRule, book: AlertBook) -> None:
         self.rule = rule
@@ -45,6 +45,8 @@ class LevelTracker:
         self.threshold = self.enters[0]  # nothing to do at or under this while calm
         self.for_n = rule.for_readings if isinstance(rule, ThresholdRule) else 1
         self.for_ms = rule.for_ms if isinstance(rule, ThresholdRule) else 0
+        self.simple = self.for_n == 1 and not self.for_ms
+        self.open = book.index(rule.id)  # entity -> open alert of this rule
         self.state: dict[str, list[int]] = {}
 
     def observe(self, entity: str, value: float, t: int, ctx: Context, event_id: str | None, out: Outputs) -> None:
@@ -61,7 +63,7 @@ class LevelTracker:
             if x > enters[i] or (i <= level and x >= clears[i]):
                 target = i
                 break
-        if self.for_n == 1 and not self.for_ms:
+        if self.simple:
             sustained = target
         else:
             sustained = -1
@@ -76,6 +78,11 @@ class LevelTracker:
                     st[2 + i] = 0
         new = max(level, sustained) if target > level else target
         if new >= 0:
+            if new == level and not st[1]:
+                a = self.open.get(entity)
+                if a is not None:  # the same level again: nothing to tell (fast path)
+                    a["value"] = value
+                    return
             st[0] = new
             st[1] = 0
             self.book.trigger(self.rule, entity, self.severities[new], value, t, ctx, event_id, out)
@@ -151,6 +158,8 @@ class AbsenceTracker:
         self.last[device] = t
         if device in self.firing and self.book.clear(self.rule, device, t, None, event_id, out):
             self.firing.discard(device)
+            if t + self.after < self.next_due:
+                self.next_due = t + self.after
 
     def check(self, ref: int, out: Outputs) -> None:
         if not self.last or ref < self.next_due:

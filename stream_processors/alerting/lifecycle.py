@@ -48,6 +48,19 @@ class AlertBook:
     def __init__(self) -> None:
         self.open: dict[tuple[str, str], dict[str, Any]] = {}
         self.closed: dict[tuple[str, str], dict[str, Any]] = {}  # auto-resolved, may re-open
+        self._by_rule: dict[str, dict[str, dict[str, Any]]] = {}  # rule id -> entity -> open alert
+
+    def index(self, rule_id: str) -> dict[str, dict[str, Any]]:
+        """The open alerts of one rule by entity (a live view, for evaluators' fast path)."""
+        return self._by_rule.setdefault(rule_id, {})
+
+    def _set_open(self, key: tuple[str, str], a: dict[str, Any]) -> None:
+        self.open[key] = a
+        self.index(key[0])[key[1]] = a
+
+    def _drop_open(self, key: tuple[str, str]) -> None:
+        del self.open[key]
+        self.index(key[0]).pop(key[1], None)
 
     # -- stream transitions ------------------------------------------------------------------------
     def trigger(self, rule: RuleLike, entity: str, severity: str, value: float | None, t: int, ctx: Context,
@@ -57,7 +70,8 @@ class AlertBook:
         if a is None:
             old = self.closed.pop(key, None)
             if old is not None and 0 <= t - old["resolved_at"] <= rule.reopen_window:
-                a = self.open[key] = old
+                a = old
+                self._set_open(key, a)
                 a.update(state="open", severity=severity, value=value, resolved_at=None, resolved_by=None,
                          acknowledged_at=None, acknowledged_by=None, trigger_event=trigger_event,
                          message=rule.describe(entity, severity, value), _clear_since=None)
@@ -65,7 +79,7 @@ class AlertBook:
                 self._emit(a, "reopened", t, out)
                 return
             kind, region, kec, metric = ctx
-            a = self.open[key] = {
+            a = {
                 "id": alert_id(rule.id, entity, t), "rule_id": rule.id, "entity": entity, "kind": kind,
                 "region_code": region, "kecamatan": kec, "metric": metric, "severity": severity, "state": "open",
                 "value": value, "message": rule.describe(entity, severity, value), "opened_at": t,
@@ -73,6 +87,7 @@ class AlertBook:
                 "resolved_by": None, "trigger_event": trigger_event, "version": 0,
                 "_reopens": [], "_clear_since": None,
             }
+            self._set_open(key, a)
             self._emit(a, "opened", t, out)
             return
         a["_clear_since"] = None
@@ -103,7 +118,7 @@ class AlertBook:
         a.update(state="resolved", resolved_at=t, resolved_by=STREAM, value=value, trigger_event=trigger_event,
                  _clear_since=None)
         self._emit(a, "resolved", t, out, note=note)
-        del self.open[key]
+        self._drop_open(key)
         self.closed[key] = a
         return True
 
@@ -132,7 +147,7 @@ class AlertBook:
             else:
                 a.update(state="resolved", resolved_at=t, resolved_by=actor, _clear_since=None)
                 self._emit(a, "resolved", t, out, actor=actor, dedup=dedup)
-                del self.open[key]  # not re-openable: the next trigger opens a new alert
+                self._drop_open(key)  # not re-openable: the next trigger opens a new alert
             return True
         old = self.closed.get(key)
         if old is not None and old["id"] == alert:
@@ -155,5 +170,9 @@ class AlertBook:
         return {"open": list(self.open.values()), "closed": list(self.closed.values())}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        self.open = {(a["rule_id"], a["entity"]): dict(a) for a in payload.get("open", ())}
+        self.open = {}
+        for entities in self._by_rule.values():
+            entities.clear()  # the same dicts: evaluators hold them
+        for a in payload.get("open", ()):
+            self._set_open((a["rule_id"], a["entity"]), dict(a))
         self.closed = {(a["rule_id"], a["entity"]): dict(a) for a in payload.get("closed", ())}
