@@ -67,8 +67,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # agency systems producing service events straight to Kafka, beside the devices (MQTT)
     agency = start_in_thread(settings, args.agency_rate, args.duration, args.seed) if args.agency_rate > 0 else None
     try:
-        result = run_simulator(settings, rate=args.rate, duration=args.duration,
-                               devices_per_kecamatan=args.devices_per_kecamatan, seed=args.seed)
+        if args.rate > 0:
+            result = run_simulator(settings, rate=args.rate, duration=args.duration,
+                                   devices_per_kecamatan=args.devices_per_kecamatan, seed=args.seed)
+        else:  # --rate 0: agency events only, until the duration or a signal
+            result = {}
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: agency[1].set() if agency is not None else None)
+            while agency is not None and agency[0].is_alive():
+                agency[0].join(0.5)
     finally:
         if agency is not None:
             agency[1].set()
@@ -176,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("migrate", cmd_migrate, "apply database migrations")]:
         sub.add_parser(name, help=text).set_defaults(func=func)
     sim = sub.add_parser("simulate", help="publish realistic Jember telemetry over MQTT")
-    sim.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    sim.add_argument("--rate", type=float, default=100.0, help="messages per second (0: agency events only)")
     sim.add_argument("--duration", type=float, default=60.0, help="seconds; 0 runs forever")
     sim.add_argument("--devices-per-kecamatan", type=int, default=3)
     sim.add_argument("--seed", type=int, default=None)

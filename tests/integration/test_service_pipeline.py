@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -318,3 +319,20 @@ def test_simulated_agencies_through_a_worker_crash_daily_cells_equal_sql_truth(a
                                   " GROUP BY k"))
     assert per_measure == entities and per_measure.get("response_time_s", 0) > 10
     producer.close(timeout=10)
+
+
+def test_arus_simulate_produces_agency_events_straight_to_kafka(arus_env, spawn_arus, fresh_database_url):
+    env = arus_env(database_url=fresh_database_url)
+    sim = spawn_arus("simulate", "--rate", "0", "--duration", "4",
+                     "--agency-rate", "3000", "--seed", "5", env=env)
+    try:
+        assert sim.proc.wait(timeout=90) == 0, sim.log_tail()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(sim.log_tail()) from None
+    assert "'agency_events':" in sim.log()
+    events = [orjson.loads(v) for v in read_topic(env["ARUS_KAFKA_BOOTSTRAP"], env["ARUS_TOPIC_PREFIX"] + "ingest")]
+    service = [e for e in events if e.get("type", "").startswith(("jember.complaint.", "jember.emergency."))]
+    assert service, "no agency events on the ingest topic"
+    # straight from the agency: personal data in clear (the worker pseudonymises it)
+    assert any(len(str(p.get("nik", ""))) == 16 for e in service
+               for p in (e["data"].get("reporter"), e["data"].get("patient")) if isinstance(p, dict))
