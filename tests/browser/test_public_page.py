@@ -4,7 +4,10 @@ links the open-data downloads, and never shows a small cell's value."""
 
 from __future__ import annotations
 
+import base64
+import os
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -66,6 +69,13 @@ def test_public_page_renders_indicators_chart_metadata_and_hides_small_cells(api
     assert "CONTOH" in page.eval("document.getElementById('notice').textContent")
     assert page.eval("document.querySelectorAll('#list button').length") == len(load_catalogue().indicators)
 
+    shot = os.environ.get("ARUS_TEST_SCREENSHOTS")  # a directory: keep a picture of the page for review
+    if shot:
+        page.send("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 1500, "deviceScaleFactor": 1,
+                                                         "mobile": False})
+        png = page.send("Page.captureScreenshot", {"format": "png"})["data"]
+        (Path(shot) / "public.png").write_bytes(base64.b64decode(png))
+
     # trend chart: kabupaten values of October (100 %) and November (62.5 %), the target line
     chart = page.eval("""(() => {
         const svg = document.querySelector('#chart svg#trend');
@@ -90,9 +100,24 @@ def test_public_page_renders_indicators_chart_metadata_and_hides_small_cells(api
     kal = by_region[KALIWATES]
     assert "66,67" in kal["cells"][3] and "persen" in kal["cells"][3] and kal["standing"] == "off_track"
     assert kal["cells"][2] == "2026-11" and "90" in kal["cells"][4]
+    assert len(by_region) == 31  # every kecamatan is listed, those without values as such
+    assert "belum ada data" in by_region["35.09.02"]["cells"][3]
     jom = by_region[JOMBANG]
     assert "disembunyikan" in jom["cells"][3] and not any(ch.isdigit() for ch in jom["cells"][3])
     assert jom["standing"] == ""
+
+    # the trend of one kecamatan: Kaliwates 100 % in October, 66.67 % in November
+    page.eval(f"(() => {{ const s = document.getElementById('region'); s.value = '{KALIWATES}';"
+              " s.dispatchEvent(new Event('change')); })()")
+    page.wait(f"document.body.dataset.trend === 'pengaduan-selesai-dalam-sla@{KALIWATES}'", 30, "kecamatan trend")
+    values = page.eval("[...document.querySelectorAll('#trend circle.point')].map(c => Number(c.dataset.value))")
+    assert values[0] == 100 and round(values[1], 2) == 66.67 and len(values) == 2
+    # Jombang: its only period is a small cell: nothing drawn, the note says it is hidden
+    page.eval(f"(() => {{ const s = document.getElementById('region'); s.value = '{JOMBANG}';"
+              " s.dispatchEvent(new Event('change')); })()")
+    page.wait(f"document.body.dataset.trend === 'pengaduan-selesai-dalam-sla@{JOMBANG}'", 30, "Jombang trend")
+    assert page.eval("document.querySelectorAll('#trend circle.point').length") == 0
+    assert "disembunyikan" in page.eval("document.getElementById('chart-note').textContent")
 
     # Satu Data metadata and the open-data downloads
     meta = page.eval("document.getElementById('meta').textContent")
@@ -106,7 +131,10 @@ def test_public_page_renders_indicators_chart_metadata_and_hides_small_cells(api
     meta_json = page.eval("fetch(document.getElementById('dl-meta').href).then(r => r.json())")
     assert meta_json["owner_agency"].startswith("Dinas Komunikasi") and meta_json["frequency"] == "monthly"
 
-    # another indicator by a real click: the breakdown series per PMKS category
+    # another indicator by a real click (the region chosen for the trend stays: back to the kabupaten)
+    page.eval("(() => { const s = document.getElementById('region'); s.value = '35.09';"
+              " s.dispatchEvent(new Event('change')); })()")
+    page.wait("document.body.dataset.trend === 'pengaduan-selesai-dalam-sla@35.09'", 30, "kabupaten trend")
     page.click("#list button[data-id='penerima-bantuan-per-pmks']")
     page.wait("document.body.dataset.ready === 'penerima-bantuan-per-pmks'", 30, "the second indicator loaded")
     series = page.eval("[...document.querySelectorAll('#trend polyline.series, #trend circle.point')]"

@@ -401,3 +401,26 @@ def test_sensor_route_reads_what_region_merge_emits():
     [(_, key, value)] = routed.records
     assert key == b"35.09" and orjson.loads(value) == {"k": "agg", "kec": KALIWATES, "metric": "pm25", "ws": h0,
                                                      "we": h0 + 60_000, "sum": 120.0, "count": 2.0}
+
+
+def test_cli_check_refuses_a_bad_catalogue_file_with_the_reason(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "katalog.yaml"
+    bad.write_text("indicators:\n  - id: ok-id\n    name: Nama\n    promise: p\n    owner_agency: Dinas\n"
+                   "    definition: definisi panjang\n    source: service-events\n    unit: kasus\n"
+                   "    frequency: monthly\n    target: {value: 1, direction: higher}\n"
+                   "    formula: {kind: percentile, field: time_to_resolve_s,"
+                   " event: {type: jember.complaint.v1, status: resolved}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARUS_")}
+    env["ARUS_INDICATOR_CATALOGUE_FILE"] = str(bad)
+    res = subprocess.run([sys.executable, "-m", "arus.cli", "indicators", "check"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "ok-id" in res.stderr and "needs `q`" in res.stderr
+    env.pop("ARUS_INDICATOR_CATALOGUE_FILE")
+    res = subprocess.run([sys.executable, "-m", "arus.cli", "indicators", "check"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "EXAMPLE" in res.stdout and "pengaduan-selesai-dalam-sla" in res.stdout

@@ -10,6 +10,8 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const KAB = "35.09";
 
 let catalogue = null;
+let kecamatan = [];  // [{code, name}] from /v1/regions
+let current = null;  // the indicator shown
 
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
@@ -84,7 +86,7 @@ function renderMeta(ind) {
     : "Indikator ini tidak memuat data pribadi.";
 }
 
-function renderChart(ind, values) {
+function renderChart(ind, values, regionName) {
   const box = document.getElementById("chart");
   box.replaceChildren();
   const W = 640, H = 280, L = 56, R = 16, T = 16, B = 48;
@@ -98,7 +100,7 @@ function renderChart(ind, values) {
   const ys = shown.map(v => v.value);
   if (ind.target && ind.target.value !== null && ind.target.value !== undefined) ys.push(ind.target.value);
   const root = svg("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", id: "trend",
-                           "aria-label": `Tren ${ind.name} tingkat kabupaten`});
+                           "aria-label": `Tren ${ind.name}, ${regionName}`, "data-region": values.length ? values[0].region_code : ""});
   if (!periods.length || !ys.length) {
     root.append(svg("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "Belum ada nilai yang dapat ditampilkan"));
     box.append(root);
@@ -121,7 +123,8 @@ function renderChart(ind, values) {
   periods.forEach((p, i) => {
     if (i % step) return;
     const lab = values.find(v => v.period_start === p).period_label;
-    root.append(svg("text", {x: x(i), y: H - B + 16, "text-anchor": "middle"}, lab));
+    const anchor = periods.length === 1 ? "middle" : i === 0 ? "start" : i === periods.length - 1 ? "end" : "middle";
+    root.append(svg("text", {x: x(i), y: H - B + 16, "text-anchor": anchor}, lab));
   });
   if (ind.target && ind.target.value !== null && ind.target.value !== undefined) {
     const ty = y(ind.target.value);
@@ -155,8 +158,12 @@ function renderChart(ind, values) {
 function renderTable(ind, values) {
   const tbody = document.querySelector("#table tbody");
   tbody.replaceChildren();
-  const rows = values.filter(v => v.region_level === "kecamatan")
-    .sort((a, b) => (a.region_name || a.region_code).localeCompare(b.region_name || b.region_code));
+  const rows = values.filter(v => v.region_level === "kecamatan");
+  const seen = new Set(rows.map(v => v.region_code));
+  for (const k of kecamatan) {  // every kecamatan is listed, with or without a value
+    if (!seen.has(k.code)) rows.push({region_code: k.code, region_name: k.name, missing: true});
+  }
+  rows.sort((a, b) => (a.region_name || a.region_code).localeCompare(b.region_name || b.region_code));
   if (!rows.length) {
     const tr = el("tr");
     tr.append(el("td", {colspan: 6, class: "small"}, "Belum ada nilai per kecamatan."));
@@ -164,6 +171,14 @@ function renderTable(ind, values) {
     return;
   }
   for (const v of rows) {
+    if (v.missing) {
+      const tr = el("tr", {"data-region": v.region_code, class: "missing"});
+      tr.append(el("td", {}, `${v.region_name} (${v.region_code})`), el("td", {}, "–"), el("td", {}, "–"),
+                el("td", {class: "small"}, "belum ada data"), el("td", {class: "num"}, fmt(ind.target.value, ind.unit)),
+                el("td", {}, "–"));
+      tbody.append(tr);
+      continue;
+    }
     const tr = el("tr", {"data-region": v.region_code, "data-series": v.indicator_id});
     const value = v.suppressed ? el("td", {class: "suppressed"}, "disembunyikan (sel kecil)")
       : el("td", {class: "num"}, fmt(v.value, ind.unit));
@@ -185,14 +200,37 @@ async function select(id) {
   document.getElementById("title").textContent = ind.name;
   document.getElementById("promise").textContent = ind.promise;
   renderMeta(ind);
+  current = ind;
   const enc = encodeURIComponent(ind.id);
-  const [trend, latest] = await Promise.all([
-    getJSON(`/v1/indicators/${enc}?level=kabupaten`),
+  const [, latest] = await Promise.all([
+    showTrend(),
     getJSON(`/v1/indicators/${enc}?level=kecamatan&latest=true`),
   ]);
-  renderChart(ind, trend.values);
   renderTable(ind, latest.values);
   document.body.dataset.ready = ind.id;
+}
+
+async function showTrend() {
+  const ind = current;
+  const sel = document.getElementById("region");
+  const code = sel.value || KAB;
+  const name = sel.options[sel.selectedIndex] ? sel.options[sel.selectedIndex].textContent : code;
+  const trend = await getJSON(`/v1/indicators/${encodeURIComponent(ind.id)}?region=${encodeURIComponent(code)}`);
+  if (ind !== current) return;  // another indicator was chosen meanwhile
+  renderChart(ind, trend.values, name);
+  document.body.dataset.trend = `${ind.id}@${code}`;
+}
+
+async function loadRegions() {
+  try {
+    const body = await getJSON("/v1/regions?level=kecamatan");
+    kecamatan = body.regions.map(r => ({code: r.code, name: r.name}));
+  } catch (err) {
+    kecamatan = [];  // the table then lists the kecamatan that have values
+  }
+  const sel = document.getElementById("region");
+  for (const k of kecamatan) sel.append(el("option", {value: k.code}, `Kec. ${k.name}`));
+  sel.addEventListener("change", () => showTrend());
 }
 
 async function main() {
@@ -205,6 +243,7 @@ async function main() {
       n.hidden = false;
     }
     renderList();
+    await loadRegions();
     const wanted = new URLSearchParams(location.search).get("id");
     await select(wanted || (catalogue.indicators[0] && catalogue.indicators[0].id));
   } catch (err) {
