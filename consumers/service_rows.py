@@ -10,7 +10,7 @@
   replaces that partition's row in service_daily_parts when its `version` (the partition's input
   offset) is not older; service_daily is then recomputed as the sum of the parts (migration 010).
 - backfill: an event older than the worker's horizon (its day's cell is no longer in the stream state)
-  carries `"recount": [[day, kecamatan], ...]`; after inserting its row, its partition's parts of those
+  carries `"recount": [[day, kecamatan, type], ...]`; after inserting its row, its partition's parts of those
   cells are rebuilt from the stored events of that partition (status counts; durations from each
   entity's earliest opening and closing events, counted on the day and kecamatan of the closing one)
   at version = the event's offset, then the totals.
@@ -182,10 +182,10 @@ def service_event_writes(msg: dict[str, Any]) -> list[Write]:
         )))
     recount = msg.get("recount") or []
     if not isinstance(recount, list):
-        raise BadRecord("`recount` must be a list of [day, kecamatan]")
+        raise BadRecord("`recount` must be a list of [day, kecamatan, type]")
     for item in recount:
-        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            raise BadRecord("`recount` must be a list of [day, kecamatan]")
+        if not (isinstance(item, list) and len(item) in (2, 3) and all(isinstance(x, str) for x in item)):
+            raise BadRecord("`recount` must be a list of [day, kecamatan, type]")
         try:
             day = date.fromisoformat(item[0])
         except ValueError as exc:
@@ -193,7 +193,8 @@ def service_event_writes(msg: dict[str, Any]) -> list[Write]:
         if part is None:
             raise BadRecord("`recount` needs `part`")
         assert type_ is not None
-        writes.extend(recount_writes(type_, day, item[1], part, _int(msg.get("offset"), "offset") or 0))
+        cell_type = item[2] if len(item) == 3 else type_
+        writes.extend(recount_writes(cell_type, day, item[1], part, _int(msg.get("offset"), "offset") or 0))
     return writes
 
 

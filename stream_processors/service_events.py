@@ -11,8 +11,9 @@ prefixes of the service families (`register`). For each envelope:
    the dlq topic or in dead_letters. Words of the reject message that repeat a personal value are masked.
 2. pseudonymise `data` (NIK, names, phone numbers -> keyed hash) unless the producer (HTTP / CSV ingest)
    did it already: agencies producing straight to Kafka send them in clear, this is the first processor.
-3. de-duplicate: by (source, id), and by the natural key (type, entity, status, event time) so the same
-   event sent over two channels (HTTP and Kafka, different CloudEvents ids) is counted once.
+3. de-duplicate, within the entity's state: by (source, id), and by the natural key (type, entity,
+   status, event time) so the same event sent over two channels (HTTP and Kafka, different CloudEvents
+   ids) is counted once.
 4. lifecycle: per (type, entity) the earliest event time of each status seen. A duration
    (from_status -> to_status, schemas.service_events.LIFECYCLES) is computed once, as soon as both ends
    are known, whichever arrives first (resolved before opened works); it is never negative: when the
@@ -31,20 +32,24 @@ Partitioning: the lifecycle of an entity is tracked by the partition that receiv
 producer keys ingest records by entity id (case_id, complaint_id, ...). `entity_key` gives that key.
 
 State is JSON-serialisable, checkpointed with the partition (full snapshot or deltas with deletions) and
-bounded by event time, with one horizon H (`horizon_ms`, default 35 days) behind the partition's service
+bounded by event time, with one horizon H (`horizon_ms`, default 7 days) behind the partition's service
 watermark (the highest accepted event time):
 - daily cells whose WIB day ended before the horizon are dropped (their last full state is in the table);
-- closed entities (last status of their lifecycle) whose last event is before the horizon are dropped,
-  and (source, id) marks older than the horizon: so any event with time >= horizon meets every earlier
-  event of the same natural key in the state, and the stream's counts of the days it keeps are exact;
+- closed entities (last status of their lifecycle) whose last event is before the horizon are dropped
+  (with their event ids and natural keys): any event with time >= horizon still meets every earlier event
+  of the same natural key in the state, so the stream's counts of the days it keeps are exact;
 - open entities are kept for `idle_retention_ms` (400 days, the acceptance window of service events:
   agencies enter records late), then dropped; an event for a dropped entity starts a fresh entity (no
   duration across the gap).
 Backfill: service events may be up to 400 days old (SERVICE_MAX_AGE_MS: last year's spreadsheet). An
 event whose cell day is behind the horizon is not counted in the stream (its cell was dropped, counting
 would overwrite the table with a partial count); its service-events message carries
-`"recount": [[day, kecamatan], ...]` and the record sink recomputes those cells from service_events in
-the same transaction as the event's row (consumers/service_rows.py), exact by the table's unique keys.
+`"recount": [[day, kecamatan, type], ...]` and the record sink recomputes this partition's part of those
+cells from service_events in the same transaction as the event's row (consumers/service_rows.py), exact
+by the table's unique keys. The same happens to cells changed since the last flush when an event moves
+the watermark so far that they fall behind the horizon (flush never emits a cell behind it: a recount
+may have replaced that part already, at a later offset). Ordering: the recount rides on an event of
+this partition, so (entities keyed by id) it reaches the sink after the rows it counts.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ log = logging.getLogger("arus.worker.services")
 DAY_MS = 86_400_000
 WIB_OFFSET_MS = 7 * 3_600_000  # Asia/Jakarta, no daylight saving
 
-HORIZON_MS = 35 * DAY_MS
+HORIZON_MS = 7 * DAY_MS
 IDLE_RETENTION_MS = 400 * DAY_MS
 
 Listener = Callable[[Any, Outputs], None]  # (ServiceEvent, Outputs)
@@ -179,20 +184,19 @@ class ServiceEventHandler:
         self.listeners: list[Listener] = list(listeners or [])
         self.horizon_ms = horizon_ms
         self.idle_retention_ms = max(idle_retention_ms, horizon_ms)
-        self._recount: set[tuple[str, str]] = set()  # cells of the current event behind the horizon
+        self._recount: set[tuple[str, str, str]] = set()  # (day, kec, type) the sink must recount
         self.last_offset = -1  # the version of the cells emitted at the next flush
         self.regions = load_regions()
         self.watermark = 0  # highest event time accepted on this partition
-        # "source|id" -> event time ms
-        self.seen: dict[str, int] = {}
-        # "type|entity" -> {"s": status, "u": last event ms, "r": region, "k": kecamatan, "c": category,
-        #                   "ts": {status: earliest ms}, "ev": ["status@ms", ...], "d": {duration: s}}
+        # "type|entity" -> {"s": current status, "u": its event ms, "k": its kecamatan,
+        #   "ts": {status: earliest ms}, "tk": {status: kecamatan of that earliest event},
+        #   "ev": ["status@ms", ...] (natural keys), "i": ["source|id", ...], "d": {duration: seconds}}
         self.entities: dict[str, dict[str, Any]] = {}
         # "day|kecamatan|type|measure" -> [count, sum, min, max]
         self.cells: dict[str, list[float | None]] = {}
         self._emit_cells: set[str] = set()
-        self._dirty: dict[str, set[str]] = {"seen": set(), "entities": set(), "cells": set()}
-        self._deleted: dict[str, set[str]] = {"seen": set(), "entities": set(), "cells": set()}
+        self._dirty: dict[str, set[str]] = {"entities": set(), "cells": set()}
+        self._deleted: dict[str, set[str]] = {"entities": set(), "cells": set()}
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, handlers: MutableMapping[str, Any], types: Iterable[str] | None = None) -> None:
@@ -211,41 +215,38 @@ class ServiceEventHandler:
         if not privacy.is_pseudonymised(ev.data):
             ev = dataclasses.replace(ev, data=privacy.pseudonymise(ev.data, self.pii_key))
         sid = f"{ev.source}|{ev.id}"
-        if sid in self.seen:
-            self._duplicate(ev, f"event {ev.id!r} from {ev.source!r} was already received", env, raw, offset,
-                            now_ms, out)
-            return
         t = int(ev.time_ms)
         ekey = f"{ev.type}|{ev.entity_id}"
         entity = self.entities.get(ekey)
         mark = f"{ev.status}@{t}"
+        if entity is not None and sid in entity["i"]:
+            self._duplicate(ev, f"event {ev.id!r} from {ev.source!r} was already received", env, raw, offset,
+                            now_ms, out)
+            return
         if entity is not None and mark in entity["ev"]:
             # the same lifecycle step through another channel (HTTP + Kafka): one event
-            self._mark_seen(sid, t)
             self._duplicate(ev, f"{ev.type} {ev.entity_id} {ev.status} at {t} was already received "
                                 f"(another channel)", env, raw, offset, now_ms, out)
             return
-        self._mark_seen(sid, t)
         self.last_offset = max(self.last_offset, offset)
+        self._recount = set()
         if t > self.watermark:
             self.watermark = t
+            self._pass_horizon()
         kec = ev.kecamatan or KABUPATEN_CODE  # a kabupaten-level event counts under 35.09
         if entity is None:
-            entity = {"s": ev.status, "u": t, "r": ev.region, "k": kec, "c": ev.category, "ts": {}, "tk": {},
-                      "ev": [], "d": {}}
+            entity = {"s": ev.status, "u": t, "k": kec, "ts": {}, "tk": {}, "ev": [], "i": [], "d": {}}
             self.entities[ekey] = entity
         self._deleted["entities"].discard(ekey)
         self._dirty["entities"].add(ekey)
         entity["ev"].append(mark)
+        entity["i"].append(sid)
         if t >= entity["u"]:
-            entity["s"], entity["u"], entity["r"], entity["k"] = ev.status, t, ev.region, kec
-        if ev.category and not entity.get("c"):
-            entity["c"] = ev.category
+            entity["s"], entity["u"], entity["k"] = ev.status, t, kec
         ts: dict[str, int] = entity["ts"]
         if ev.status is not None and (ev.status not in ts or t < ts[ev.status]):
             ts[ev.status] = t
             entity["tk"][ev.status] = kec
-        self._recount = set()
         self._count(wib_day(t), kec, ev.type, f"status:{ev.status}" if ev.status else "events", None)
         # durations completed by this event (either end may arrive first)
         lifecycle = se.LIFECYCLES.get(ev.type)
@@ -269,7 +270,7 @@ class ServiceEventHandler:
             "part": self.partition, "offset": offset,
         }
         if self._recount:
-            msg["recount"] = sorted([d, k] for d, k in self._recount)  # this partition's part, at `offset`
+            msg["recount"] = sorted([d, k, ty] for d, k, ty in self._recount)  # this partition's part, at `offset`
         out.emit(topics.SERVICE_EVENTS, str(ev.entity_id), msg)
         for listener in self.listeners:
             try:
@@ -277,14 +278,18 @@ class ServiceEventHandler:
             except Exception:  # a listener's bug must not stop the stream; no event data in the log
                 log.exception("service-event listener %r failed on %s %s", listener, ev.type, ev.id)
 
-    def _mark_seen(self, sid: str, t: int) -> None:
-        self.seen[sid] = t
-        self._dirty["seen"].add(sid)
-        self._deleted["seen"].discard(sid)
+    def _pass_horizon(self) -> None:
+        """The watermark moved: changes of cells now behind the horizon that were not emitted yet will
+        never be (flush skips them), so the sink recounts those cells after this event's row."""
+        horizon = self.watermark - self.horizon_ms
+        for key in [k for k in self._emit_cells if wib_day_end_ms(k.split("|", 1)[0]) < horizon]:
+            day, kec, type_, _ = key.split("|", 3)
+            self._recount.add((day, kec, type_))
+            self._emit_cells.discard(key)
 
     def _count(self, day: str, kec: str, type_: str, measure: str, value: float | None) -> None:
         if wib_day_end_ms(day) < self.watermark - self.horizon_ms:
-            self._recount.add((day, kec))  # backfill: the sink recounts this cell from the table
+            self._recount.add((day, kec, type_))  # backfill: the sink recounts this cell from the table
             return
         key = f"{day}|{kec}|{type_}|{measure}"
         cell = self.cells.get(key)
@@ -341,8 +346,6 @@ class ServiceEventHandler:
     def expire(self) -> None:
         wm = self.watermark
         horizon = wm - self.horizon_ms
-        for sid in [s for s, t in self.seen.items() if t < horizon]:
-            self._drop("seen", self.seen, sid)
         for key in [k for k in self.cells if wib_day_end_ms(k.split("|", 1)[0]) < horizon]:
             self._drop("cells", self.cells, key)
         for key, ent in list(self.entities.items()):
@@ -360,7 +363,7 @@ class ServiceEventHandler:
             self._emit_cells.discard(key)
 
     def snapshot(self, full: bool) -> dict[str, Any]:
-        tables: dict[str, dict[str, Any]] = {"seen": self.seen, "entities": self.entities, "cells": self.cells}
+        tables: dict[str, dict[str, Any]] = {"entities": self.entities, "cells": self.cells}
         payload: dict[str, Any] = {"wm": self.watermark, "lo": self.last_offset}
         for kind, table in tables.items():
             keys = table.keys() if full else self._dirty[kind]
@@ -372,7 +375,7 @@ class ServiceEventHandler:
         return payload
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        tables: dict[str, dict[str, Any]] = {"seen": self.seen, "entities": self.entities, "cells": self.cells}
+        tables: dict[str, dict[str, Any]] = {"entities": self.entities, "cells": self.cells}
         for kind, table in tables.items():
             if payload.get("full"):
                 table.clear()
@@ -387,5 +390,5 @@ class ServiceEventHandler:
 
     def state(self) -> dict[str, Any]:
         """The whole state (tests compare it across snapshot/restore)."""
-        return {"wm": self.watermark, "lo": self.last_offset, "seen": dict(self.seen), "entities": orjson.loads(orjson.dumps(self.entities)),
+        return {"wm": self.watermark, "lo": self.last_offset, "entities": orjson.loads(orjson.dumps(self.entities)),
                 "cells": orjson.loads(orjson.dumps(self.cells))}

@@ -219,7 +219,7 @@ def test_expiry_is_bounded_and_recorded_in_deltas() -> None:
     assert "jember.complaint.v1|C-10" not in h.entities
     assert "jember.complaint.v1|C-11" in h.entities
     assert all(not k.startswith(wib_day(t0)) for k in h.cells)
-    assert all(t >= NOW - 30 * DAY for t in h.seen.values())
+    assert all(int(e["u"]) >= NOW - 30 * DAY or e["s"] != "resolved" for e in h.entities.values())
     delta = h.snapshot(False)
     assert "jember.complaint.v1|C-10" in delta["entities-"]
 
@@ -234,8 +234,8 @@ def test_backfill_behind_the_horizon_is_recounted_by_the_sink_not_the_stream() -
     h.flush(out)
     ev = emitted(out, topics.SERVICE_EVENTS)
     assert "recount" not in ev[0]
-    assert ev[1]["recount"] == [[wib_day(old), "35.09.19"]]
-    assert ev[2]["recount"] == [[wib_day(old), "35.09.19"]] and ev[2]["durations"] == {"time_to_resolve_s": 3600.0}
+    assert ev[1]["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]]
+    assert ev[2]["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]] and ev[2]["durations"] == {"time_to_resolve_s": 3600.0}
     assert len(ev) == 3 and [d["reason"] for d in emitted(out, topics.DLQ)] == [reasons.DUPLICATE]
     assert {k[0] for k in cells(out)} == {wib_day(NOW)}  # no partial cell for the old day
 
@@ -331,5 +331,8 @@ def test_cells_are_this_partitions_parts_versioned_by_offset_and_never_emitted_b
     feed(h, complaint("C-43", "opened", old + 2000), out2, offset=13)
     h.flush(out2)
     assert [c["day"] for c in emitted(out2, topics.SERVICE_DAILY)] == [wib_day(NOW)]
+    # C-41's change to the old cell was never emitted: the event that moved the watermark asks for a recount
+    moved = emitted(out2, topics.SERVICE_EVENTS)[1]
+    assert moved["entity_id"] == "C-42" and moved["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]]
     assert emitted(out2, topics.SERVICE_DAILY)[0]["version"] == 13
-    assert emitted(out2, topics.SERVICE_EVENTS)[-1]["recount"] == [[wib_day(old), "35.09.19"]]
+    assert emitted(out2, topics.SERVICE_EVENTS)[-1]["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]]
