@@ -110,8 +110,26 @@ def _hash_value(kind: str, value: Any, key: bytes) -> Any:
     return keyed_hash(kind, value, key)
 
 
+_NIK_SHAPE = re.compile(r"^(1[1-9]|[2-9][0-9])\d{4}([0-6]\d|7[01])(0[1-9]|1[0-2])\d{6}$")
+
+
+def looks_like_nik(value: Any) -> bool:
+    """16 digits shaped like a NIK (province, date of birth): personal whatever field it sits in."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return isinstance(text, str) and len(text) == 16 and bool(_NIK_SHAPE.match(text))
+
+
+def protect_identifier(value: Any, key: bytes) -> Any:
+    """An identifier as it may leave ingest: its keyed hash when it is a NIK (an agency that uses the
+    NIK as a case or request number), unchanged otherwise. Deterministic, so linkage is kept."""
+    return keyed_hash("nik", value, key) if looks_like_nik(value) else value
+
+
 def pseudonymise(data: Any, key: bytes) -> Any:
-    """A copy of `data` with every personal value (any depth) replaced by its keyed hash. Idempotent."""
+    """A copy of `data` with every personal value (any depth) replaced by its keyed hash, and any
+    NIK-shaped value in other fields too (a NIK used as an id). Idempotent."""
+    if isinstance(data, str | int) and not isinstance(data, bool) and looks_like_nik(data):
+        return keyed_hash("nik", data, key)
     if isinstance(data, str | int | float | bool) or data is None:
         return data
     if isinstance(data, dict | Mapping):

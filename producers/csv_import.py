@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-from infra.privacy import is_personal_key, pii_key_bytes
+from infra.privacy import is_personal_key, looks_like_nik, pii_key_bytes
 from infra.settings import Settings
 from producers.service_ingest import IngestPublisher, Record, dead_letter, prepare
 from schemas import reasons, topics
@@ -80,6 +80,7 @@ ALIASES: dict[str, str] = {
 REGION_PRIORITY = ("region", "kode_wilayah", "region_code", "kode_region", "kode_desa", "kode_kelurahan",
                    "kode_kecamatan", "wilayah", "desa", "kelurahan", "kecamatan")
 MASK = "***"
+_NIK_RUN = re.compile(r"(?<!\d)\d{16}(?!\d)")  # a NIK quoted in a message is masked too
 # header words that mark a personal column (masked in the reject report; mapped to the person when
 # no other mapping applies, e.g. "Nama Pelapor" -> reporter.name, "NIK Pemohon" -> applicant.nik)
 PERSONAL_TOKENS = {"nik": "nik", "ktp": "nik", "nama": "name", "name": "name", "hp": "phone",
@@ -467,8 +468,9 @@ def import_csv(
                 if isinstance(outcome, Rejected):
                     result.rejected += 1
                     result.reasons[outcome.reason] += 1
-                    masked = [MASK if i in mapping.personal and c.strip() else c for i, c in enumerate(row)]
-                    writer.writerow([line, outcome.reason, outcome.message, *masked])
+                    masked = [MASK if (i in mapping.personal and c.strip()) or looks_like_nik(c.strip()) else c
+                              for i, c in enumerate(row)]
+                    writer.writerow([line, outcome.reason, _NIK_RUN.sub(MASK, outcome.message), *masked])
                     dead.append(dead_letter(outcome, env, pii_key, src, clock(), topic=ingest_topic, line=line))
                 else:
                     result.accepted += 1

@@ -20,7 +20,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from infra.kafka_admin import ensure_topics
-from infra.privacy import pseudonymise, seal
+from infra.privacy import protect_identifier, pseudonymise, seal
 from infra.settings import Settings
 from schemas import topics
 from schemas.messages import DeadLetterMsg
@@ -69,6 +69,8 @@ def prepare(
         out["aruschannel"] = channel  # http | csv
     ev = result.value
     ev.data = out["data"]  # never keep the clear values around
+    ev.entity_id = protect_identifier(ev.entity_id, pii_key)  # a NIK used as the case number
+    ev.id = protect_identifier(ev.id, pii_key)
     return Ok(Prepared(ev, ev.entity_id.encode("utf-8"), orjson.dumps(out)))
 
 

@@ -344,11 +344,18 @@ def validate_service_event(
     max_age_ms: int,
     max_future_ms: int,
 ) -> Ok[ServiceEvent] | Rejected:
-    """Check a CloudEvents 1.0 structured-mode service event. Never raises."""
+    """Check a CloudEvents 1.0 structured-mode service event. Never raises. A rejection's message
+    never quotes a NIK-shaped value, whatever field it was found in (the message travels in clear)."""
     try:
-        return _validate(env, regions, now_ms, max_age_ms, max_future_ms)
+        result = _validate(env, regions, now_ms, max_age_ms, max_future_ms)
     except Exception as exc:  # noqa: BLE001 - the contract: validation never raises
         return _rej(reasons.INVALID_ENVELOPE, f"unexpected input: {type(exc).__name__}", env)
+    if isinstance(result, Rejected) and _DIGIT_RUN.search(result.message):
+        return Rejected(result.reason, _DIGIT_RUN.sub("***", result.message), result.raw, result.position)
+    return result
+
+
+_DIGIT_RUN = re.compile(r"\d{16}")  # a NIK, or 16+ digits that may hide one
 
 
 def _validate(
