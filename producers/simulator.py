@@ -476,12 +476,13 @@ class _DeviceLinks:
     ) -> None:
         self.devices = devices
         self.presence = presence
-        self._status_mids: set[int] = set()  # acks of status messages are not telemetry acks
+        self._status_mids: set[tuple[int, int]] = set()  # (client, mid): status acks are not telemetry acks
         self._refused: list[str] = []  # reported in summary: right after a rotation, until the broker reloads
         self.clients: list[FastClient] = []
         self.published = 0
         self.acked = 0
         self._connected: set[int] = set()
+        self._pending: list[FastClient] = []  # clients with packets to send, named by paho's hook
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -508,10 +509,13 @@ class _DeviceLinks:
             if reason.is_failure:
                 self._refused.append(f"{self.devices[i].device_id} ({reason})")
                 return
+            # In the I/O thread: the ack of this status cannot be read before its mid is noted. (Not
+            # under the lock: publishing calls the register-write hook, which takes it.)
+            mid = client.publish(status, "online", qos=1, retain=True).mid if self.presence else None
             with self._lock:
                 self._connected.add(i)
-                if self.presence:  # in the I/O thread: its ack cannot be read before the mid is noted
-                    self._status_mids.add(client.publish(status, "online", qos=1, retain=True).mid)
+                if mid is not None:
+                    self._status_mids.add((id(client), mid))
         return on_connect
 
     def _on_disconnect_for(self, i: int) -> Callable[..., None]:
@@ -520,14 +524,17 @@ class _DeviceLinks:
                 self._connected.discard(i)
         return on_disconnect
 
-    def _on_publish(self, _c: Any, _u: Any, mid: int, *_args: Any) -> None:
+    def _on_publish(self, client: Any, _u: Any, mid: int, *_args: Any) -> None:
         with self._lock:
-            if mid in self._status_mids:
-                self._status_mids.discard(mid)
+            if (id(client), mid) in self._status_mids:
+                self._status_mids.discard((id(client), mid))
                 return
         self.acked += 1
 
-    def _wake(self, *_args: Any) -> None:
+    def _wake(self, client: Any, *_args: Any) -> None:
+        """paho's register-write hook (any thread): `client` has packets queued."""
+        with self._lock:
+            self._pending.append(client)
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
@@ -562,35 +569,82 @@ class _DeviceLinks:
         self.published += 1
 
     def _run(self) -> None:
-        last_misc = 0.0
+        """The I/O loop. Kept O(1) per event: sockets stay registered in one poll object; a client
+        with something to send is named by paho's register-write hook; a sweep every 50 ms catches
+        a queue the hook could not announce (it fires once per idle-to-busy edge)."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        by_fd: dict[int, FastClient] = {}
+        fd_of: dict[int, int] = {}  # id(client) -> its registered fd
+        writing: set[int] = set()  # fds registered for POLLOUT too
+
+        def sync_fd(client: FastClient) -> int | None:
+            sock = client.socket()
+            fd = sock.fileno() if sock is not None else None
+            old = fd_of.get(id(client))
+            if old == fd:
+                return fd
+            if old is not None:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(old)
+                by_fd.pop(old, None)
+                writing.discard(old)
+                del fd_of[id(client)]
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = client
+                fd_of[id(client)] = fd
+            return fd
+
+        def write(client: FastClient) -> None:
+            if client.socket() is not None:
+                client.loop_write()
+            fd = sync_fd(client)
+            if fd is None:
+                return
+            if client.want_write():
+                if fd not in writing:
+                    poller.modify(fd, select.POLLIN | select.POLLOUT)
+                    writing.add(fd)
+            elif fd in writing:
+                poller.modify(fd, select.POLLIN)
+                writing.discard(fd)
+
+        for client in self.clients:
+            sync_fd(client)
+        last_misc = last_sweep = 0.0
         last_retry = time.monotonic()
         last_refused_log = 0.0
         while not self._stop.is_set():
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            by_fd: dict[int, FastClient] = {}
-            for client in self.clients:
-                sock = client.socket()
-                if sock is None:
-                    continue
-                fd = sock.fileno()
-                by_fd[fd] = client
-                poller.register(fd, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
-            for fd, events in poller.poll(10):
+            for fd, events in poller.poll(50):
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.read(self._wake_r, 65536)
                     continue
-                client = by_fd[fd]
-                if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                found = by_fd.get(fd)
+                if found is None:
+                    continue
+                client = found
+                if events & (select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     client.loop_read()
-                if events & select.POLLOUT and client.socket() is not None:
-                    client.loop_write()
+                    sync_fd(client)
+                if events & select.POLLOUT:
+                    write(client)
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for client in pending:
+                write(client)
             now = time.monotonic()
+            if now - last_sweep >= 0.05:
+                last_sweep = now
+                for client in self.clients:
+                    if client.want_write():
+                        write(client)
             if now - last_misc >= 1.0:
                 last_misc = now
                 for client in self.clients:
                     client.loop_misc()  # keepalive pings
+                    sync_fd(client)
             if now - last_retry >= self.RETRY_S:
                 last_retry = now
                 if self._refused and now - last_refused_log >= 30.0:
@@ -602,6 +656,7 @@ class _DeviceLinks:
                 for client in self.clients:
                     if client.socket() is None:
                         self._connect(client)
+                        write(client)
 
     def close(self, timeout: float) -> None:
         """Wait for outstanding acks, say `offline` (retained) for every device, disconnect."""
