@@ -7,9 +7,15 @@ hours and from dry-season evening burning, streetlights on at night, bins fillin
 Randomness is a hash of (device salt, time bucket), never global state.
 
 `run_simulator` paces publishing to a total rate (1..20,000 msg/s) by sleeping until the next
-message is due (bursts of a millisecond's worth, no busy loop), over a few shared MQTT connections.
-Each device also holds one idle connection of its own for its retained `online` status with an
-`offline` last will (all driven by one thread), since a will can only speak for its own connection.
+message is due (bursts of a millisecond's worth, no busy loop).
+
+With a registry (ARUS_DATABASE_URL), every simulated device is a registered device that logs in
+with its own id and secret, over a connection of its own that carries its telemetry, its retained
+`online` status and its `offline` last will (all connections driven by one I/O thread): the broker's
+rules apply to it as to any device (it may publish only under its own `jember/v1/{id}/`). Its
+secrets are kept in DATA_DIR/simulator/credentials.json (0600; the registry holds only hashes).
+Without a registry, it publishes over a few shared connections with ARUS_MQTT_URL's login (a broker
+without per-device auth), plus one idle connection per device for its status and will.
 """
 
 from __future__ import annotations
