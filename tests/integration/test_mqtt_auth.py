@@ -293,3 +293,32 @@ def test_mqtt_auth_command_writes_the_files_and_reloads_the_broker(fresh_databas
     finally:
         embedded.stop_process(watcher, timeout=5)
         svc.stop()
+
+
+def test_simulator_credentials_never_lock_out_a_device_it_does_not_own(fresh_database_url, tmp_path) -> None:
+    from infra.devices import verify_secret
+    from producers.simulator import issue_credentials, plan_devices
+
+    devices = plan_devices(1)  # one river gauge per kecamatan
+    theirs, legacy, revoked = devices[0].device_id, devices[1].device_id, devices[2].device_id
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        real_secret = add_device(conn, theirs, "water_level", devices[0].region_code)  # a real device
+        add_device(conn, legacy, "water_level", devices[1].region_code)
+        conn.execute("UPDATE devices SET secret_hash = 'pbkdf2_sha256$1$00$00' WHERE device_id = %s", [legacy])
+        add_device(conn, revoked, "water_level", devices[2].region_code)
+        revoke_device(conn, revoked)
+    store = tmp_path / "data" / "simulator" / "credentials.json"
+
+    def hashes() -> dict[str, str]:
+        return dict(pg_fetch(fresh_database_url, "SELECT device_id, secret_hash FROM devices"))
+
+    secrets, added = issue_credentials(fresh_database_url, devices, store)
+    assert added == len(devices) - 3
+    assert theirs not in secrets and revoked not in secrets  # never rotated, never used
+    assert verify_secret(real_secret, hashes()[theirs])
+    assert mqtt_auth.is_broker_hash(hashes()[legacy]) and verify_secret(secrets[legacy], hashes()[legacy])
+    assert all(verify_secret(secrets[d], hashes()[d]) for d in secrets)
+    assert store.stat().st_mode & 0o777 == 0o600
+    before = hashes()
+    again, added_again = issue_credentials(fresh_database_url, devices, store)
+    assert (again, added_again) == (secrets, 0) and hashes() == before  # a re-run changes nothing
