@@ -212,8 +212,10 @@ class ServiceEventHandler:
             self._reject(result, env, raw, offset, now_ms, out)
             return
         ev = result.value
-        if not privacy.is_pseudonymised(ev.data):
-            ev = dataclasses.replace(ev, data=privacy.pseudonymise(ev.data, self.pii_key))
+        # always (idempotent): data hashed at HTTP/CSV ingest may still hold a NIK used as an id
+        ev = dataclasses.replace(ev, data=privacy.pseudonymise(ev.data, self.pii_key),
+                                 entity_id=privacy.protect_identifier(ev.entity_id, self.pii_key),
+                                 id=privacy.protect_identifier(ev.id, self.pii_key))
         sid = f"{ev.source}|{ev.id}"
         t = int(ev.time_ms)
         ekey = f"{ev.type}|{ev.entity_id}"
