@@ -73,7 +73,8 @@ class Formula(_Model):
     metric: str | None = None  # source aggregates: a kecamatan-scope metric (pm25, ...)
     categories: list[str] | None = Field(None, description="keep only observations of these categories")
     where: list[Condition] = Field(default_factory=list, description="observations that fail are left out")
-    numerator_when: list[Condition] = Field(default_factory=list, description="ratio: counted in the numerator")
+    numerator_when: list[Condition] = Field(
+        default_factory=list, description="ratio / count: the observations counted in the numerator")
     field: str | None = Field(None, description="sum / mean / percentile: the numeric field")
     q: float | None = Field(None, ge=0, le=100, description="percentile: 50 = median")
     multiply: float = 1.0  # value = raw * multiply / divide (ratio -> percent: multiply 100;
@@ -84,6 +85,8 @@ class Formula(_Model):
     def _consistent(self) -> Formula:
         if self.kind == "ratio" and not self.numerator_when:
             raise ValueError("a ratio needs `numerator_when` (the numerator's conditions)")
+        if self.numerator_when and self.kind not in ("ratio", "count"):
+            raise ValueError("`numerator_when` applies to ratio and count only")
         if self.kind in ("sum", "mean", "percentile") and not self.field:
             raise ValueError(f"`{self.kind}` needs `field`")
         if self.kind == "percentile" and self.q is None:

@@ -15,12 +15,13 @@ When an entity's facts change, its old observations are taken out of their cells
 put in (cells are retractable multisets), so a late or out-of-order event corrects every value.
 
 Sensor indicators. Kecamatan 1-minute aggregates (replace semantics per window) are grouped per
-(kecamatan, metric, WIB hour); once the hour can no longer change (`close_hours`), its mean
-(sum of sums / sum of counts, windows in time order) becomes one observation with field `value`.
+(kecamatan, metric, WIB hour); the hour's mean (sum of sums / sum of counts, windows in time order)
+is one observation with field `value`, moved as the mean changes; once the hour can no longer change
+(`close_hour`) its windows are forgotten and later updates of them are ignored.
 
 Cells: (series, region, period_start) -> {"n": observations, "k": numerator count,
 "x": sorted values, "u": {person unit: refcount}}. `cell_result` turns a cell into the output value:
-count = n; sum = sum(x); ratio = k / n; mean = sum(x) / len(x); percentile = continuous percentile of
+count = n (or k with numerator_when); sum = sum(x); ratio = k / n; mean = sum(x) / len(x); percentile = continuous percentile of
 x (PostgreSQL percentile_cont); distinct = len(u); then * multiply / divide. Values are computed from
 the sorted values, so the float result is the same whatever the order the observations came in.
 """
@@ -263,8 +264,9 @@ def cell_result(ind: Indicator, series: str, region: str, start: int, cell: Mapp
     numerator: float | None
     denominator: float | None
     raw: float | None
-    if f.kind == "count":
-        raw, numerator, denominator = float(n), float(n), None
+    if f.kind == "count":  # with numerator_when: how many observations meet it (of n observed)
+        raw = float(k if f.numerator_when else n)
+        numerator, denominator = raw, (float(n) if f.numerator_when else None)
     elif f.kind == "sum":
         raw = float(sum(xs))
         numerator, denominator = raw, float(len(xs))
@@ -326,7 +328,8 @@ class IndicatorState:
         self.metrics = {i.formula.metric for i in self.sensor if i.formula.metric is not None}
         self.person_fields = person_fields(catalogue)
         self.entities: dict[str, dict[str, Any]] = {}
-        self.hours: dict[str, dict[str, list[float]]] = {}  # "kec|metric|hour" -> {ws: [sum, count]}
+        # "kec|metric|hour" -> {"w": {window start: [sum, count]}, "m": the hour's mean now observed}
+        self.hours: dict[str, dict[str, Any]] = {}
         self.cells: dict[str, dict[str, Any]] = {}
         self.emit: set[str] = set()
         self.tombstones: set[str] = set()  # cells emitted before that became empty (deleted downstream)
@@ -397,28 +400,35 @@ class IndicatorState:
             if item not in before:
                 self._apply(ind, item[1], item[2], add=True)
 
-    def apply_window(self, kec: str, metric: str, window_start: int, total: float, count: float) -> None:
-        """A kecamatan 1-minute aggregate (the latest state of the window replaces the previous)."""
-        if metric not in self.metrics:
-            return
-        hour = window_start - window_start % HOUR_MS
-        hkey = f"{kec}|{metric}|{hour}"
-        self.hours.setdefault(hkey, {})[str(window_start)] = [float(total), float(count)]
-        self._touch("hours", hkey)
-
-    def close_hour(self, hkey: str) -> None:
-        windows = self.hours.get(hkey)
-        self.drop("hours", hkey)
-        if not windows:
-            return
-        mean = hour_mean(windows)
+    def _hour_obs(self, hkey: str, mean: float | None, add: bool) -> None:
         if mean is None:
             return
         kec, metric, hour = hkey.split("|")
         for ind in self.sensor:
             if ind.formula.metric == metric:
                 for key, obs in hour_observations(ind, kec, int(hour), mean):
-                    self._apply(ind, key, obs, add=True)
+                    self._apply(ind, key, obs, add=add)
+
+    def apply_window(self, kec: str, metric: str, window_start: int, total: float, count: float) -> None:
+        """A kecamatan 1-minute aggregate (the latest state of the window replaces the previous). The
+        hour's observation follows its mean at once (the old one leaves its cells, the new one enters),
+        so sensor indicators are live while the hour fills."""
+        if metric not in self.metrics:
+            return
+        hour = window_start - window_start % HOUR_MS
+        hkey = f"{kec}|{metric}|{hour}"
+        state = self.hours.setdefault(hkey, {"w": {}, "m": None})
+        state["w"][str(window_start)] = [float(total), float(count)]
+        self._touch("hours", hkey)
+        mean = hour_mean(state["w"])
+        if mean != state["m"]:
+            self._hour_obs(hkey, state["m"], add=False)
+            self._hour_obs(hkey, mean, add=True)
+            state["m"] = mean
+
+    def close_hour(self, hkey: str) -> None:
+        """The hour can no longer change: forget its windows (its observation stays in the cells)."""
+        self.drop("hours", hkey)
 
     def result(self, ck: str) -> dict[str, Any] | None:
         cell = self.cells.get(ck)
@@ -445,12 +455,10 @@ class IndicatorState:
 
 def compute(catalogue: Catalogue, events: Iterable[Mapping[str, Any]],
             windows: Iterable[tuple[str, str, int, float, float]] = (), min_persons: int = 5) -> list[dict[str, Any]]:
-    """Batch: every indicator value of a set of slim events and kecamatan windows (all hours closed)."""
+    """Batch: every indicator value of a set of slim events and kecamatan windows."""
     state = IndicatorState(catalogue, min_persons)
     for ev in events:
         state.apply_event(ev)
     for kec, metric, ws, total, count in windows:
         state.apply_window(kec, metric, ws, total, count)
-    for hkey in sorted(state.hours):
-        state.close_hour(hkey)
     return state.results()

@@ -310,7 +310,7 @@ def test_stage_ignores_events_for_closed_periods(catalogue):
     assert part.state.late > 0
 
 
-def test_stage_sensor_hours_close_on_the_window_watermark():
+def test_stage_sensor_hours_are_live_and_close_on_the_window_watermark():
     cat = load_catalogue()
     route = SensorRoute(0, "t.aggregates", cat)
     h0 = ms("2026-11-10T08:00:00+07:00")
@@ -320,19 +320,29 @@ def test_stage_sensor_hours_close_on_the_window_watermark():
                              "window_end": ws + 60_000, "count": c, "min": 0, "max": 0, "sum": s,
                              "mean": s / c, "last": 0, "last_time": ws, "final": False})
 
-    out = Outputs()
-    for i, raw in enumerate([agg(KALIWATES, "pm25", h0, 50.0, 1), agg("dev-1", "pm25", h0, 900.0, 1, "device"),
-                             agg(KALIWATES, "pm25", h0, 70.0, 1),  # replaces the first state of that window
-                             agg(KALIWATES, "pm10", h0, 900.0, 1)]):
-        route.process(raw, i, h0, out)
-    assert len(out.records) == 2  # device scope and unused metrics are dropped
+    def routed(*raws):
+        out = Outputs()
+        for i, raw in enumerate(raws):
+            route.process(raw, i, h0, out)
+        return out.records
+
     part = _partition(cat)
-    res, _ = _feed(part, out.records, now=h0 + 86_400_000)
-    assert res == {}  # the hour is not closed yet
-    out2 = Outputs()
-    route.process(agg(KALIWATES, "pm25", h0 + 2 * 3_600_000, 10.0, 1), 9, h0, out2)  # watermark moves on
-    res, _ = _feed(part, out2.records, now=h0 + 86_400_000, start=10)
-    assert res[("udara-jam-pm25-di-atas-baku-mutu", KALIWATES)]["value"] == 1  # mean 70 > 55
+    key = ("udara-jam-pm25-di-atas-baku-mutu", KALIWATES)
+    res, _ = _feed(part, routed(agg(KALIWATES, "pm25", h0, 50.0, 1)), now=h0 + 86_400_000)
+    assert (res[key]["value"], res[key]["denominator"]) == (0, 1)  # 50 is not above 55: 0 of 1 hour
+    recs = routed(agg("dev-1", "pm25", h0, 900.0, 1, "device"),
+                  agg(KALIWATES, "pm25", h0, 70.0, 1),  # the window's newer state replaces the first
+                  agg(KALIWATES, "pm10", h0, 900.0, 1))
+    assert len(recs) == 1  # device scope and unused metrics are dropped by the route
+    res, _ = _feed(part, recs, now=h0 + 86_400_000, start=10)
+    assert res[key]["value"] == 1  # live: the open hour's mean is 70
+    res, _ = _feed(part, routed(agg(KALIWATES, "pm25", h0 + 60_000, 10.0, 1)), now=h0 + 86_400_000, start=20)
+    assert res[key]["value"] == 0  # mean (70 + 10) / 2 = 40: no longer above
+    # the window watermark passes the hour's end + horizon: the hour closes, a later update is ignored
+    _feed(part, routed(agg(KALIWATES, "pm25", h0 + 2 * 3_600_000, 10.0, 1)), now=h0 + 86_400_000, start=30)
+    assert not any(h.endswith(f"|{h0}") for h in part.state.hours)
+    res, _ = _feed(part, routed(agg(KALIWATES, "pm25", h0 + 60_000, 900.0, 1)), now=h0 + 86_400_000, start=40)
+    assert key not in res and part.state.late == 1
 
 
 def test_malformed_input_is_dead_lettered_not_raised(catalogue):
