@@ -62,7 +62,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.include_router(public_routes(settings))  # /public transparency page (issue 6)
     app.include_router(series_routes(settings))
     app.include_router(regions_routes(settings))
-    app.include_router(alerts_routes(settings))
+    app.include_router(alerts_routes(settings, prom))
     app.include_router(console_routes(settings))  # `/`: the operator console (issue 5)
     return app
 

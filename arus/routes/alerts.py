@@ -30,7 +30,7 @@ import hashlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +40,7 @@ import orjson
 import psycopg
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg import conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -243,6 +244,7 @@ class AlertHub:
         self._recent_set: set[int] = set()
         self._pending: asyncio.Queue[int] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.on_event: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="alert-hub-listen"),
@@ -366,6 +368,7 @@ class AlertHub:
         self._recent.append(seq)
         self._recent_set.add(seq)
         self.high = max(self.high, seq)
+        self.on_event()
         for sub in list(self.subscribers):
             try:
                 sub.queue.put_nowait(msg)
@@ -481,6 +484,7 @@ class Webhook:
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
         self.failed = 0
+        self.on_result: Callable[[str], None] = lambda result: None
 
     def start(self) -> None:
         if self.settings.alert_webhook_url:
@@ -519,6 +523,7 @@ class Webhook:
                             error = f"{type(exc).__name__}: {exc}"
                         if attempt + 1 < s.alert_webhook_attempts:
                             await asyncio.sleep(min(s.alert_webhook_backoff_s * 2 ** attempt, 30.0))
+                    self.on_result("dead_lettered" if error else "delivered")
                     if error:
                         self.failed += 1
                         await self._dead_letter(msg, body, f"webhook {url} refused event {msg['seq']} after "
@@ -560,6 +565,17 @@ class CommandBody(BaseModel):
                                                "transition (default: a new uuid4)")
 
 
+class AlertMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry or CollectorRegistry()
+        self.clients = Gauge("arus_api_sse_clients", "connected GET /v1/alerts/stream clients", registry=reg)
+        self.events = Counter("arus_api_alert_events_total", "alert events read by the LISTEN fan-out", registry=reg)
+        self.commands = Counter("arus_api_alert_commands_total", "operators' commands by action and answer",
+                                ["action", "status"], registry=reg)
+        self.webhook = Counter("arus_api_alert_webhook_total", "webhook notifications: delivered or dead-lettered",
+                               ["result"], registry=reg)
+
+
 @dataclass
 class _State:
     pool: AsyncConnectionPool[Any] | None = None
@@ -572,8 +588,9 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="arus-operators"'})
 
 
-def routes(settings: Settings) -> APIRouter:
+def routes(settings: Settings, registry: CollectorRegistry | None = None) -> APIRouter:
     st = _State()
+    metrics = AlertMetrics(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -582,11 +599,13 @@ def routes(settings: Settings) -> APIRouter:
             st.pool = AsyncConnectionPool(dsn, min_size=1, max_size=8, open=False, kwargs={"autocommit": True})
             await st.pool.open(wait=False)
             st.hub = AlertHub(dsn, st.pool)
+            st.hub.on_event = metrics.events.inc
             st.hub.start()
         st.producer = Producer(settings)
         st.producer.start()
         if st.hub is not None and st.pool is not None:
             st.webhook = Webhook(settings, st.hub, st.pool, st.producer)
+            st.webhook.on_result = lambda result: metrics.webhook.labels(result).inc()
             st.webhook.start()
         try:
             yield
@@ -681,6 +700,7 @@ def routes(settings: Settings) -> APIRouter:
         heartbeat = settings.sse_heartbeat_s
 
         async def body() -> AsyncIterator[bytes]:
+            metrics.clients.inc()
             try:
                 yield f"retry: 2000\n: connected, heartbeat every {heartbeat:g}s\n\n".encode()
                 replayed: set[int] = set()
@@ -715,6 +735,7 @@ def routes(settings: Settings) -> APIRouter:
                         continue
                     yield sse_frame(msg)
             finally:
+                metrics.clients.dec()
                 hub.unsubscribe(sub)
 
         return StreamingResponse(body(), media_type="text/event-stream",
@@ -818,6 +839,16 @@ def routes(settings: Settings) -> APIRouter:
                           "(the stream learns it when Kafka is back; retried by this API process)")
         return JSONResponse(out, status_code=202)
 
+    async def counted(action: str, alert_id: str, authorization: str | None, body: CommandBody | None
+                      ) -> JSONResponse:
+        try:
+            resp = await command(action, alert_id, authorization, body)
+        except HTTPException as exc:
+            metrics.commands.labels(action, str(exc.status_code)).inc()
+            raise
+        metrics.commands.labels(action, str(resp.status_code)).inc()
+        return resp
+
     @router.post("/v1/alerts/{alert_id}/ack", responses={
         401: {"description": "missing or wrong operator token"}, 403: {"description": "operator revoked"},
         404: {"description": "no such alert"}, 409: {"description": "not open (already acknowledged or resolved)"},
@@ -825,7 +856,7 @@ def routes(settings: Settings) -> APIRouter:
     async def ack(alert_id: str, body: CommandBody | None = None,
                   authorization: str | None = Header(None)) -> JSONResponse:
         """Acknowledge an open alert (Authorization: Bearer <operator token>)."""
-        return await command("ack", alert_id, authorization, body)
+        return await counted("ack", alert_id, authorization, body)
 
     @router.post("/v1/alerts/{alert_id}/resolve", responses={
         401: {"description": "missing or wrong operator token"}, 403: {"description": "operator revoked"},
@@ -834,7 +865,7 @@ def routes(settings: Settings) -> APIRouter:
     async def resolve(alert_id: str, body: CommandBody | None = None,
                       authorization: str | None = Header(None)) -> JSONResponse:
         """Resolve an open or acknowledged alert (Authorization: Bearer <operator token>)."""
-        return await command("resolve", alert_id, authorization, body)
+        return await counted("resolve", alert_id, authorization, body)
 
     router.state = st  # type: ignore[attr-defined]  # for tests and the console
     return router

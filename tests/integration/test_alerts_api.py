@@ -315,6 +315,10 @@ def test_one_ack_reaches_every_stream_client(api):
             data = r.events[-1].data
             assert data is not None and data["event"]["state"] == "open"
             assert data["alert"]["state"] == "acknowledged" and data["alert"]["value"] == 9.9
+        page = httpx.get(f"{base}/metrics").text
+        assert "arus_api_sse_clients 3.0" in page
+        assert 'arus_api_alert_commands_total{action="ack",status="200"} 1.0' in page
+        assert "arus_api_alert_events_total 3.0" in page
         # one LISTEN connection for the whole process, however many clients
         apps = pg_fetch(dsn, "SELECT application_name, count(*) FROM pg_stat_activity"
                              " WHERE datname = current_database() AND application_name LIKE 'arus-api%%' GROUP BY 1")
