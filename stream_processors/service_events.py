@@ -317,9 +317,12 @@ class ServiceEventHandler:
         wrapper = {
             "sealed": privacy.seal(raw, self.pii_key),
             "type": env.get("type") if isinstance(env.get("type"), str) else None,
-            "id": env.get("id") if isinstance(env.get("id"), str) else None,
+            # a NIK used as an id must not leave in clear here either; the key is the one the
+            # entity's accepted events have (hashed the same way)
+            "id": scrub(str(privacy.protect_identifier(env["id"], self.pii_key)), None)
+            if isinstance(env.get("id"), str) else None,
             "source": env.get("source") if isinstance(env.get("source"), str) else None,
-            "key": entity_key(env),
+            "key": privacy.protect_identifier(k, self.pii_key) if (k := entity_key(env)) is not None else None,
         }
         safe = Rejected(rejected.reason, scrub(rejected.message, data), None, rejected.position)
         out.dead_letter(safe, orjson.dumps(wrapper), self.source_topic, self.partition, offset, now_ms)

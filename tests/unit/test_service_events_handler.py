@@ -336,3 +336,16 @@ def test_cells_are_this_partitions_parts_versioned_by_offset_and_never_emitted_b
     assert moved["entity_id"] == "C-42" and moved["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]]
     assert emitted(out2, topics.SERVICE_DAILY)[0]["version"] == 13
     assert emitted(out2, topics.SERVICE_EVENTS)[-1]["recount"] == [[wib_day(old), "35.09.19", "jember.complaint.v1"]]
+
+
+def test_a_nik_used_as_an_id_never_leaves_in_clear() -> None:
+    h, out = handler(), Outputs()
+    good = complaint(NIK, "opened", NOW - 1000, eid=NIK)
+    bad = complaint(NIK, "resolved", NOW - 500, eid=NIK, region="35.09.99")
+    feed(h, good, out, offset=1)
+    feed(h, bad, out, offset=2)
+    h.flush(out)
+    text = b"\n".join(v + (k or b"") for _, k, v in out.records).decode()
+    assert NIK not in text
+    (dead,) = emitted(out, topics.DLQ)
+    assert json.loads(dead["raw"])["key"] == emitted(out, topics.SERVICE_EVENTS)[0]["entity_id"]
