@@ -197,3 +197,45 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing(arus_env, spawn_a
 
     wait_until(settled, 120, interval=0.3, message="indicator_values equal the batch values after the crash")
     assert worker2.alive(), worker2.log_tail()
+
+
+def test_air_quality_readings_over_mqtt_become_the_hours_above_indicator(arus_env, spawn_arus, fresh_database_url,
+                                                                           mqtt_url):
+    """The whole sensor chain: MQTT -> gateway -> worker (windows, kecamatan merge, indicator stage) -> sink."""
+    import uuid
+    from datetime import timedelta
+
+    import psycopg
+
+    from infra.devices import add_device
+    from infra.indicators.periods import period_start
+    from tests.helpers import publish_mqtt, wait_pipeline_ready
+
+    env = arus_env(database_url=fresh_database_url, ARUS_GATEWAY_CLIENT_ID=f"gw-{uuid.uuid4().hex[:8]}",
+                   ARUS_WORKER_SESSION_TIMEOUT_MS="2000", ARUS_CHECKPOINT_INTERVAL_MS="300")
+    for name in ("gateway", "worker", "sink"):
+        spawn_arus(name, env=env)
+    dsn = env["ARUS_DATABASE_URL"]
+    wait_pipeline_ready(dsn, mqtt_url)
+    air = f"aq-{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        add_device(conn, air, "air_quality", "35.09.19.1002")  # Kaliwates
+    now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    hour_start = now.replace(minute=0)
+    if (now - hour_start).total_seconds() < 120:  # keep both readings in one hour
+        now = hour_start + timedelta(minutes=2)
+    publish_mqtt(mqtt_url, [(f"jember/v1/{air}/telemetry", orjson.dumps([
+        {"ts": (now - timedelta(minutes=1)).isoformat(), "values": {"pm25": 90.0}},
+        {"ts": now.isoformat(), "values": {"pm25": 40.0}},  # hour mean 65 > 55
+    ]))])
+    day = datetime.fromtimestamp(period_start("daily", int(now.timestamp() * 1000)) / 1000, UTC)
+    key = ("udara-jam-pm25-di-atas-baku-mutu", KALIWATES, "day", day)
+
+    def published():
+        got = table(dsn)
+        return got.get(key)
+
+    row = dict(zip(COLUMNS, wait_until(published, 90, interval=0.3, message="the sensor indicator row"), strict=True))
+    assert (row["value"], row["denominator"], row["suppressed"], row["n_persons"]) == (1, 1, False, None)
+    kab = wait_until(lambda: table(dsn).get(("udara-jam-pm25-di-atas-baku-mutu", KAB, "day", day)), 30)
+    assert dict(zip(COLUMNS, kab, strict=True))["value"] == 1
