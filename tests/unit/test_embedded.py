@@ -30,7 +30,8 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         def __init__(self, kind: str, port: int) -> None:
             self.url = f"{kind}-embedded:{port}"
 
-    def fake_start(kind: str, port: int, data_dir: Path, url: str | None) -> FakeService:
+    def fake_start(kind: str, port: int, data_dir: Path, url: str | None,
+                   mqtt_auth: tuple[Path, Path] | None = None) -> FakeService:
         calls.append((kind, port))
         return FakeService(kind, port)
 

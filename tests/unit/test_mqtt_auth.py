@@ -204,3 +204,22 @@ def test_reload_targets_and_signal(tmp_path: Path) -> None:
 def test_reserved_device_ids_are_refused() -> None:
     with pytest.raises(ConfigError, match="reserved"):
         add_device(None, "arus-gateway", "water_level", "35.09.19.1001")  # type: ignore[arg-type]
+
+
+def test_embedded_broker_configs_enforce_the_files(tmp_path: Path) -> None:
+    from infra import embedded
+
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    conf = embedded._amqtt_conf(1883, passwd, acl)
+    plugins = conf["plugins"]
+    assert isinstance(plugins, dict)
+    assert set(plugins) == {"infra.amqtt_auth.RegistryAuthPlugin", "infra.amqtt_auth.RegistryTopicPlugin"}
+    assert plugins["infra.amqtt_auth.RegistryAuthPlugin"] == {"password_file": str(passwd), "acl_file": str(acl)}
+    open_conf = embedded._amqtt_conf(1883, None)["plugins"]
+    assert isinstance(open_conf, dict) and "amqtt.plugins.authentication.AnonymousAuthPlugin" in open_conf
+    mosq = embedded._mosquitto_conf(1883, tmp_path, passwd, acl).splitlines()
+    assert "allow_anonymous false" in mosq and f"password_file {passwd}" in mosq and f"acl_file {acl}" in mosq
+    assert "allow_anonymous true" in embedded._mosquitto_conf(1883, tmp_path, None, None).splitlines()
+    assert embedded.starts_embedded(None, "mqtt")
+    assert embedded.starts_embedded(f"mqtt://u:p@127.0.0.1:{embedded.free_port()}", "mqtt")
+    assert not embedded.starts_embedded("mqtt://u:p@mosquitto:1883", "mqtt")
