@@ -29,6 +29,7 @@ the sorted values, so the float result is the same whatever the order the observ
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -77,6 +78,11 @@ def _earlier(cur: list[Any] | None, t: int, value: Any) -> list[Any] | None:
     if cur is None or t < cur[0] or (t == cur[0] and str(value) < str(cur[1])):
         return [t, value]
     return None
+
+
+def catalogue_fingerprint(catalogue: Catalogue) -> str:
+    """Identifies the formulas a checkpointed state was computed with."""
+    return hashlib.sha256(catalogue.model_dump_json().encode()).hexdigest()[:16]
 
 
 def person_fields(catalogue: Catalogue) -> list[str]:
@@ -429,6 +435,18 @@ class IndicatorState:
     def close_hour(self, hkey: str) -> None:
         """The hour can no longer change: forget its windows (its observation stays in the cells)."""
         self.drop("hours", hkey)
+
+    def rebuild(self) -> None:
+        """Recompute every cell from the entities and open sensor hours held (after a catalogue change).
+        Observations of sensor hours already closed are not held any more: those need a recompute."""
+        for ck in list(self.cells):
+            self.drop("cells", ck)
+        self.tombstones = set()
+        for entity in self.entities.values():
+            for (_, key, obs), ind in self._observe(entity).items():
+                self._apply(ind, key, obs, add=True)
+        for hkey, state in self.hours.items():
+            self._hour_obs(hkey, state.get("m"), add=True)
 
     def result(self, ck: str) -> dict[str, Any] | None:
         cell = self.cells.get(ck)

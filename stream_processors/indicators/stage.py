@@ -22,6 +22,7 @@ rebuilds any range from the stored events with the same functions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,16 @@ from schemas.results import Rejected
 
 from ..outputs import Outputs
 from ..runtime import StreamRunner
-from .compute import IndicatorState, entity_closed, kabupaten_of, person_fields, slim_event
+from .compute import (
+    IndicatorState,
+    catalogue_fingerprint,
+    entity_closed,
+    kabupaten_of,
+    person_fields,
+    slim_event,
+)
+
+log = logging.getLogger("arus.worker.indicators")
 
 _KEC_PREFIX = b'{"scope":"kecamatan"'
 
@@ -138,6 +148,8 @@ class IndicatorPartition:
         self.max_future_ms = max_future_ms
         self.frequencies = sorted({i.frequency for i in catalogue.indicators})
         self._swept_hour = -1
+        self.fingerprint = catalogue_fingerprint(catalogue)
+        self._rebuild = False  # the restored state was computed with another catalogue
 
     # -- hot path -------------------------------------------------------------------------------
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
@@ -187,6 +199,12 @@ class IndicatorPartition:
 
     def drop_closed(self) -> None:
         st = self.state
+        if self._rebuild:
+            self._rebuild = False
+            log.warning("indicator catalogue changed since the last checkpoint of partition %s: cells rebuilt "
+                        "from the %d entities held; run `arus indicators recompute` over the open periods",
+                        self.partition, len(st.entities))
+            st.rebuild()
         for ck in list(st.cells):
             series, _, start = ck.split("|")
             ind = st.catalogue.get(series.partition(".")[0])
@@ -210,7 +228,8 @@ class IndicatorPartition:
     def snapshot(self, full: bool) -> dict[str, Any]:
         st = self.state
         tables = {"entities": st.entities, "hours": st.hours, "cells": st.cells}
-        payload: dict[str, Any] = {"offset": self.offset, "full": full, "wm": st.wm, "swm": st.swm}
+        payload: dict[str, Any] = {"offset": self.offset, "full": full, "wm": st.wm, "swm": st.swm,
+                                   "cat": self.fingerprint}
         for kind, table in tables.items():
             keys = table.keys() if full else st.changed[kind]
             payload[kind] = {k: table[k] for k in keys if k in table}
@@ -233,6 +252,10 @@ class IndicatorPartition:
         st.wm = int(payload.get("wm", 0))
         st.swm = int(payload.get("swm", 0))
         st.emit = set()
+        if payload.get("cat") != self.fingerprint:
+            self._rebuild = True  # cells hold observations of other formulas: rebuilt in drop_closed
+        elif payload.get("full"):
+            self._rebuild = False
 
 
 def indicator_runners(settings: Settings, common: Mapping[str, Any]) -> list[StreamRunner]:

@@ -434,3 +434,31 @@ def test_cli_check_refuses_a_bad_catalogue_file_with_the_reason(tmp_path):
     res = subprocess.run([sys.executable, "-m", "arus.cli", "indicators", "check"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "EXAMPLE" in res.stdout and "pengaduan-selesai-dalam-sla" in res.stdout
+
+
+def test_a_changed_catalogue_rebuilds_the_cells_from_the_entities_held(catalogue):
+    from importlib import resources
+
+    text = resources.files("infra.indicators").joinpath("catalogue.yaml").read_text("utf-8")
+    assert "value: 259200" in text
+    changed = parse_catalogue(text.replace("value: 259200", "value: 172800"), "edited.yaml")  # SLA 72 h -> 48 h
+    records = _route(known_events(), catalogue)
+    before = _partition(catalogue)
+    _feed(before, records)
+    payload = orjson.loads(orjson.dumps(before.snapshot(full=True)))
+    after = _partition(changed)
+    after.restore(payload)
+    after.drop_closed()  # the runtime calls it after a restore
+    out = Outputs()
+    after.flush(out)
+    got = {(m["indicator_id"], m["region_code"]): m for m in (orjson.loads(v) for _, _, v in out.records)}
+    expected = by_key(compute(changed, slim(known_events(), changed)))
+    assert got == expected
+    assert (got[("pengaduan-selesai-dalam-sla", KALIWATES)]["numerator"], got[("pengaduan-selesai-dalam-sla", KALIWATES)]["value"]) == (3, 50.0)
+    # the same catalogue restores without a rebuild (nothing to emit)
+    same = _partition(catalogue)
+    same.restore(payload)
+    same.drop_closed()
+    out = Outputs()
+    same.flush(out)
+    assert out.records == []
