@@ -137,6 +137,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def routes(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["indicators"])
     k = settings.indicator_min_persons
+    load_catalogue(settings.indicator_catalogue_file)  # a broken catalogue stops `arus api` at start, with reasons
 
     def catalogue() -> Catalogue:
         return load_catalogue(settings.indicator_catalogue_file)
