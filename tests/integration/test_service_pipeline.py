@@ -88,7 +88,7 @@ def services(arus_env, spawn_arus, fresh_database_url):
         assert p.alive(), f"{p.name} died:\n{p.log_tail()}"
 
 
-def test_service_events_straight_to_kafka_land_once_pseudonymised_with_durations(services):
+def test_service_events_straight_to_kafka_land_once_pseudonymised_with_durations(services, spawn_arus):
     env = services
     dsn, bootstrap, prefix = env["ARUS_DATABASE_URL"], env["ARUS_KAFKA_BOOTSTRAP"], env["ARUS_TOPIC_PREFIX"]
     ingest = prefix + "ingest"
@@ -247,6 +247,17 @@ def test_service_events_straight_to_kafka_land_once_pseudonymised_with_durations
     hashes = pg_fetch(dsn, "SELECT DISTINCT data->'reporter'->>'nik' FROM service_events WHERE entity_id = ANY(%s)"
                            " AND data ? 'reporter'", [[cid, old_id]])
     assert len(hashes) == 1 and hashes[0][0].startswith("hmac:")
+    # replay unseals the dead letter and sends the original bytes again: refused again (the region is
+    # still unknown), as a new dead letter that is sealed too
+    before = pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE reason = 'unknown_region'")
+    replay = spawn_arus("dlq", "replay", "--reason", "unknown_region", env=env, name="replay")
+    assert replay.proc.wait(timeout=60) == 0, replay.log_tail()
+    assert f"replayed {before} dead letter(s)" in replay.log()
+    wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE reason = 'unknown_region'")
+               == 2 * before, 30, message="the replayed events refused again")
+    raws = [orjson.loads(r[0]) for r in pg_fetch(dsn, "SELECT raw FROM dead_letters WHERE reason = 'unknown_region'")]
+    assert all("sealed" in r and NIK not in str(r) for r in raws)
+
     # every worked query of the documentation runs
     statements = [st.strip() for block in re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.S)
                   for st in block.split(";") if st.strip()]
