@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,7 +40,8 @@ class Browser:
              "--disable-background-networking", "--disable-dev-shm-usage", "--no-first-run",
              "--no-default-browser-check", "--disable-extensions", "--window-size=1600,1000", f"--user-data-dir={self.profile}",
              "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=(self.profile / "chromium.log").open("wb"))
+            stdout=subprocess.DEVNULL, stderr=(self.profile / "chromium.log").open("wb"),
+            start_new_session=True)  # its own process group: close() stops every helper process too
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
@@ -81,13 +85,16 @@ class Browser:
             if hasattr(self, "ws"):
                 self.ws.close()
         finally:
-            if self.proc.poll() is None:
-                self.proc.terminate()
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
                 try:
-                    self.proc.wait(timeout=10)
+                    self.proc.wait(timeout=wait)
+                    break
                 except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+                    continue
+            with contextlib.suppress(ProcessLookupError):  # helpers (crashpad, zygote) outliving the browser
+                os.killpg(self.proc.pid, signal.SIGKILL)
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
