@@ -37,7 +37,7 @@ class RuleLike(Protocol):
     def max_reopens(self) -> int: ...
     @property
     def flap_window(self) -> int: ...
-    def describe(self, entity: str, severity: str, value: float | None) -> str: ...
+    def template(self, severity: str) -> str: ...
 
 
 def alert_id(rule_id: str, entity: str, opened_at: int) -> str:
@@ -49,6 +49,13 @@ class AlertBook:
         self.open: dict[tuple[str, str], dict[str, Any]] = {}
         self.closed: dict[tuple[str, str], dict[str, Any]] = {}  # auto-resolved, may re-open
         self._by_rule: dict[str, dict[str, dict[str, Any]]] = {}  # rule id -> entity -> open alert
+        self._templates: dict[tuple[str, str], str] = {}  # (rule id, severity) -> message template
+
+    def _message(self, rule: RuleLike, entity: str, severity: str, value: float | None) -> str:
+        template = self._templates.get((rule.id, severity))
+        if template is None:
+            template = self._templates[(rule.id, severity)] = rule.template(severity)
+        return template.replace("{entity}", entity).replace("{value}", "" if value is None else f"{value:.4g}")
 
     def index(self, rule_id: str) -> dict[str, dict[str, Any]]:
         """The open alerts of one rule by entity (a live view, for evaluators' fast path)."""
@@ -74,7 +81,7 @@ class AlertBook:
                 self._set_open(key, a)
                 a.update(state="open", severity=severity, value=value, resolved_at=None, resolved_by=None,
                          acknowledged_at=None, acknowledged_by=None, trigger_event=trigger_event,
-                         message=rule.describe(entity, severity, value), _clear_since=None)
+                         message=self._message(rule, entity, severity, value), _clear_since=None)
                 a["_reopens"] = [r for r in a["_reopens"] if t - r <= rule.flap_window] + [t]
                 self._emit(a, "reopened", t, out)
                 return
@@ -82,7 +89,7 @@ class AlertBook:
             a = {
                 "id": alert_id(rule.id, entity, t), "rule_id": rule.id, "entity": entity, "kind": kind,
                 "region_code": region, "kecamatan": kec, "metric": metric, "severity": severity, "state": "open",
-                "value": value, "message": rule.describe(entity, severity, value), "opened_at": t,
+                "value": value, "message": self._message(rule, entity, severity, value), "opened_at": t,
                 "updated_at": t, "acknowledged_at": None, "acknowledged_by": None, "resolved_at": None,
                 "resolved_by": None, "trigger_event": trigger_event, "version": 0,
                 "_reopens": [], "_clear_since": None,
@@ -96,7 +103,7 @@ class AlertBook:
             return
         up = severity_rank(severity) > severity_rank(a["severity"])
         a.update(severity=severity, value=value, trigger_event=trigger_event,
-                 message=rule.describe(entity, severity, value))
+                 message=self._message(rule, entity, severity, value))
         self._emit(a, "escalated" if up else "deescalated", t, out)
 
     def clear(self, rule: RuleLike, entity: str, t: int, value: float | None, trigger_event: str | None,

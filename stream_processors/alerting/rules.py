@@ -31,7 +31,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -57,6 +56,10 @@ class RuleError(ConfigError):
         self.rule_id, self.field, self.detail = rule_id, field, message
         where = f"{source}: " if source else ""
         super().__init__(f"{where}rule {rule_id!r}, field {field!r}: {message}")
+
+
+def fill(template: str, entity: str, value: float | None) -> str:
+    return template.replace("{entity}", entity).replace("{value}", "" if value is None else f"{value:.4g}")
 
 
 def parse_duration(value: Any) -> int:
@@ -140,7 +143,6 @@ class _Rule(BaseModel):
     reopen_window: DurationMs = parse_duration("15m")  # a re-trigger this soon after auto-resolve re-opens
     max_reopens: int = Field(3, ge=0)  # more re-opens than this within flap_window = flapping
     flap_window: DurationMs = parse_duration("1h")
-    _templates: dict[str, str] = PrivateAttr(default_factory=dict)  # severity -> message template
 
     @model_validator(mode="after")
     def _scope(self) -> _Rule:
@@ -167,13 +169,12 @@ class _Rule(BaseModel):
         return ((self.kind is None or self.kind == kind) and (self.device is None or self.device == device_id)
                 and self.matches_region(region))
 
+    def template(self, severity: str) -> str:
+        """The alert message with {entity} and {value} left to fill: the rule's `message` or a default."""
+        return (self.message or self.default_message("{entity}", severity, "{value}")).replace("{severity}", severity)
+
     def describe(self, entity: str, severity: str, value: float | None) -> str:
-        """The alert's message: the rule's `message` or a default, with {entity} {value} {severity}."""
-        template = self._templates.get(severity)
-        if template is None:
-            template = self._templates[severity] = (
-                self.message or self.default_message("{entity}", severity, "{value}")).replace("{severity}", severity)
-        return template.replace("{entity}", entity).replace("{value}", "" if value is None else f"{value:.4g}")
+        return fill(self.template(severity), entity, value)
 
     def default_message(self, entity: str, severity: str, value: str) -> str:
         return f"{self.id} ({severity}) on {entity}"
