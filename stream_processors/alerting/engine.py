@@ -32,7 +32,7 @@ class LevelTracker:
     """State per entity: [level, held, streak_0..n-1, since_0..n-1]; absent while calm."""
 
     __slots__ = ("book", "clears", "enters", "for_ms", "for_n", "n", "open", "rule", "severities", "sign",
-                 "simple", "state", "threshold")
+                 "simple", "state", "threshold", "top")
 
     def __init__(self, rule: LeveledRule, book: AlertBook) -> None:
         self.rule = rule
@@ -42,6 +42,7 @@ class LevelTracker:
         self.clears = [lv.clear * self.sign for lv in rule.levels]
         self.severities = [lv.severity for lv in rule.levels]
         self.n = len(rule.levels)
+        self.top = self.n - 1
         self.threshold = self.enters[0]  # nothing to do at or under this while calm
         self.for_n = rule.for_readings if isinstance(rule, ThresholdRule) else 1
         self.for_ms = rule.for_ms if isinstance(rule, ThresholdRule) else 0
@@ -52,13 +53,23 @@ class LevelTracker:
     def observe(self, entity: str, value: float, t: int, ctx: Context, event_id: str | None, out: Outputs) -> None:
         x = value * self.sign
         st = self.state.get(entity)
+        enters, clears = self.enters, self.clears
         if st is None:
             if x <= self.threshold:
                 return
             st = self.state[entity] = [-1, 0] + [0] * (2 * self.n)
+        else:
+            level = st[0]
+            if level >= 0 and not st[1] and x >= clears[level] and (level == self.top or x <= enters[level + 1]):
+                a = self.open.get(entity)  # still at its level (the usual case while an alert is open)
+                if a is not None:
+                    a["value"] = value
+                    if level < self.top and not self.simple:
+                        for i in range(level + 1, self.n):
+                            st[2 + i] = 0  # a higher level's streak is broken
+                    return
         n, level = self.n, st[0]
         target = -1
-        enters, clears = self.enters, self.clears
         for i in range(n - 1, -1, -1):
             if x > enters[i] or (i <= level and x >= clears[i]):
                 target = i
@@ -241,7 +252,12 @@ class DeviceRules:
             return
         device, t = reading.device_id, reading.time
         for tracker in plan.absence:
-            tracker.seen(device, t, plan.ctx, reading.id, out)
+            last = tracker.last.get(device)
+            if last is not None and device not in tracker.firing:
+                if t > last:
+                    tracker.last[device] = t
+            else:
+                tracker.seen(device, t, plan.ctx, reading.id, out)
         if metrics:
             for metric, value in reading.values.items():
                 entry = metrics.get(metric)
