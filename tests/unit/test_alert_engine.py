@@ -393,3 +393,13 @@ def test_aggregate_hourly_mean_per_kecamatan_in_the_merge_stage_with_commands_an
     msgs2 = [orjson.loads(v) for t, _, v in out2.records if t == "alerts"]
     assert transitions(msgs2) == [("resolved", "warning")] and msgs2[0]["alert"]["id"] == a["id"]
     assert msgs2[0]["alert"]["acknowledged_by"] == "budi"
+
+
+def test_escalation_needs_consecutive_readings_even_while_the_level_holds():
+    w = Worker()
+    # warning after 2.5, 2.5; then critical readings interleaved with warning ones never escalate (for: 2)
+    for i, lv in enumerate([2.5, 2.5, 3.5, 2.5, 3.5, 2.4, 3.6, 2.9, 3.7]):
+        w.reading("g1", T0 + i * MIN, waterLevel=lv)
+    assert transitions(w.alerts_out("river")) == [("opened", "warning")]
+    w.reading("g1", T0 + 9 * MIN, waterLevel=3.8)  # 3.7, 3.8: two in a row
+    assert transitions(w.alerts_out("river"))[-1] == ("escalated", "critical")
