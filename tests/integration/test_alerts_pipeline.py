@@ -28,6 +28,8 @@ rules:
       - {severity: critical, above: 3.0, clear_below: 2.8}
     for: 2
   - {id: silent, device: DEVICE, type: absence, after: 8s, severity: major}
+  - {id: smoke, metric: pm25, type: aggregate, agg: mean, over: 10m, region: 35.09.20, severity: major,
+     above: 100, clear_below: 80}
   - {id: complaint-sla, event: jember.complaint.v1, type: sla, start: opened, end: resolved, within: 6s,
      severity: warning}
 """
@@ -132,6 +134,28 @@ def test_silent_gauge_opens_an_absence_alert_acknowledged_then_resolved(pipeline
     assert events[1][2] == command_dedup(alert_id, "cmd-1")
     assert pg_scalar(dsn, "SELECT acknowledged_by FROM alerts WHERE id = %s", [alert_id]) == "budi"
     assert pg_scalar(dsn, "SELECT count(*) FROM alerts WHERE rule_id = 'silent'") == 1
+
+
+def test_kecamatan_mean_pm25_opens_one_kecamatan_alert(pipeline, mqtt_url):
+    env, _, _, _ = pipeline
+    dsn = env["ARUS_DATABASE_URL"]
+    suffix = uuid.uuid4().hex[:6]
+    stations = [f"aq-{i}-{suffix}" for i in range(3)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i, s in enumerate(stations):  # two in Patrang (35.09.20), one in Kaliwates
+            add_device(conn, s, "air_quality", "35.09.20.1001" if i < 2 else "35.09.19.1002")
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=200)
+    messages = [(f"jember/v1/{s}/telemetry",
+                 orjson.dumps({"ts": (start + timedelta(seconds=10 * k + i)).isoformat(), "values": {"pm25": v}}))
+                for k in range(12) for i, (s, v) in enumerate(zip(stations, (90.0 + 5 * k, 120.0, 300.0), strict=True))]
+    publish_mqtt(mqtt_url, messages)
+
+    def smoke():
+        return pg_fetch(dsn, "SELECT entity, kecamatan, metric, kind, severity, state FROM alerts WHERE rule_id = 'smoke'")
+
+    rows = wait_until(smoke, 60, message="the kecamatan's mean PM2.5 opens an alert")
+    # Patrang's mean is over 100; Kaliwates (one 300 station) is outside the rule's region
+    assert rows == [("35.09.20", "35.09.20", "pm25", None, "major", "open")]
 
 
 def test_complaint_sla_from_service_events(pipeline, kafka_bootstrap):
