@@ -17,7 +17,7 @@ Every evaluator keeps JSON-serialisable state (`snapshot`/`restore`) and talks t
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ..outputs import Outputs
@@ -26,12 +26,13 @@ from .lifecycle import AlertBook, Context
 from .rules import AbsenceRule, AggregateRule, RateRule, RuleSet, SlaRule, ThresholdRule
 
 LeveledRule = ThresholdRule | RateRule | AggregateRule
+SLA_FORGET_MS = 400 * 86_400_000  # a breached entity without an end is forgotten after this (its alert stays)
 
 
 class LevelTracker:
     """State per entity: [level, held, streak_0..n-1, since_0..n-1]; absent while calm."""
 
-    __slots__ = ("book", "clears", "enters", "for_ms", "for_n", "n", "open", "rule", "severities", "sign",
+    __slots__ = ("book", "clears", "dirty", "enters", "for_ms", "for_n", "n", "open", "rule", "severities", "sign",
                  "simple", "state", "threshold", "top")
 
     def __init__(self, rule: LeveledRule, book: AlertBook) -> None:
@@ -49,6 +50,7 @@ class LevelTracker:
         self.simple = self.for_n == 1 and not self.for_ms
         self.open = book.index(rule.id)  # entity -> open alert of this rule
         self.state: dict[str, list[int]] = {}
+        self.dirty: set[str] = set()  # entities whose state changed since the last snapshot
 
     def observe(self, entity: str, value: float, t: int, ctx: Context, event_id: str | None, out: Outputs) -> None:
         x = value * self.sign
@@ -61,13 +63,13 @@ class LevelTracker:
         else:
             level = st[0]
             if level >= 0 and not st[1] and x >= clears[level] and (level == self.top or x <= enters[level + 1]):
-                a = self.open.get(entity)  # still at its level (the usual case while an alert is open)
-                if a is not None:
-                    a["value"] = value
+                if entity in self.open:  # still at its level (the usual case while an alert is open)
                     if level < self.top and not self.simple:
                         for i in range(level + 1, self.n):
                             st[2 + i] = 0  # a higher level's streak is broken
+                        self.dirty.add(entity)
                     return
+        self.dirty.add(entity)
         n, level = self.n, st[0]
         target = -1
         for i in range(n - 1, -1, -1):
@@ -90,9 +92,7 @@ class LevelTracker:
         new = max(level, sustained) if target > level else target
         if new >= 0:
             if new == level and not st[1]:
-                a = self.open.get(entity)
-                if a is not None:  # the same level again: nothing to tell (fast path)
-                    a["value"] = value
+                if entity in self.open:  # the same level again: nothing to tell (fast path)
                     return
             st[0] = new
             st[1] = 0
@@ -103,22 +103,33 @@ class LevelTracker:
         if st[0] < 0 and not st[1] and not any(st[2:2 + n]):
             del self.state[entity]
 
-    def snapshot(self) -> dict[str, list[int]]:
-        return self.state
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        dirty, self.dirty = self.dirty, set()
+        if full:
+            return {"s": self.state}
+        return {"d": {e: self.state.get(e) for e in dirty}}
 
-    def restore(self, payload: Mapping[str, Sequence[int]]) -> None:
-        self.state = {k: list(v) for k, v in payload.items()}
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        if "d" in payload:
+            for e, st in payload["d"].items():
+                if st is None:
+                    self.state.pop(e, None)
+                else:
+                    self.state[e] = list(st)
+        else:
+            self.state = {k: list(v) for k, v in payload.get("s", {}).items()}
 
 
 class RateTracker:
     """Samples within `over` per entity; the change (latest minus oldest) feeds a LevelTracker."""
 
-    __slots__ = ("levels", "over", "samples")
+    __slots__ = ("dirty", "levels", "over", "samples")
 
     def __init__(self, rule: RateRule, book: AlertBook) -> None:
         self.over = rule.over
         self.levels = LevelTracker(rule, book)
         self.samples: dict[str, tuple[list[int], list[float]]] = {}  # entity -> (times, values), in time order
+        self.dirty: set[str] = set()
 
     def observe(self, entity: str, value: float, t: int, ctx: Context, event_id: str | None, out: Outputs) -> None:
         s = self.samples.get(entity)
@@ -129,17 +140,24 @@ class RateTracker:
             return  # late or repeated sample: the rate is about the newest data
         times.append(t)
         values.append(value)
+        self.dirty.add(entity)
         cut = t - self.over
         if times[0] < cut:
             drop = bisect_left(times, cut)
             del times[:drop], values[:drop]
         self.levels.observe(entity, value - values[0], t, ctx, event_id, out)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"s": self.samples, "l": self.levels.snapshot()}
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        dirty, self.dirty = self.dirty, set()
+        samples = self.samples if full else {e: self.samples[e] for e in dirty if e in self.samples}
+        return {"s" if full else "d": samples, "l": self.levels.snapshot(full)}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        self.samples = {k: (list(v[0]), list(v[1])) for k, v in payload.get("s", {}).items()}
+        restored = {k: (list(v[0]), list(v[1])) for k, v in payload.get("s", payload.get("d", {})).items()}
+        if "d" in payload:
+            self.samples.update(restored)
+        else:
+            self.samples = restored
         self.levels.restore(payload.get("l", {}))
 
 
@@ -147,7 +165,7 @@ class AbsenceTracker:
     """Last observation per device; `check(ref)` opens an alert for each device silent longer than
     `after` at the reference time (opened_at = last observation + after, so replays give the same id)."""
 
-    __slots__ = ("after", "book", "ctx", "firing", "last", "next_due", "rule")
+    __slots__ = ("after", "book", "ctx", "dirty", "firing", "last", "next_due", "rule")
 
     def __init__(self, rule: AbsenceRule, book: AlertBook) -> None:
         self.rule = rule
@@ -157,6 +175,7 @@ class AbsenceTracker:
         self.ctx: dict[str, Context] = {}
         self.firing: set[str] = set()
         self.next_due = 0  # no device is due before this (a lower bound)
+        self.dirty: set[str] = set()
 
     def seen(self, device: str, t: int, ctx: Context, event_id: str, out: Outputs) -> None:
         last = self.last.get(device)
@@ -167,6 +186,7 @@ class AbsenceTracker:
         elif t <= last:
             return
         self.last[device] = t
+        self.dirty.add(device)
         if device in self.firing and self.book.clear(self.rule, device, t, None, event_id, out):
             self.firing.discard(device)
             if t + self.after < self.next_due:
@@ -187,12 +207,20 @@ class AbsenceTracker:
                 nxt = due
         self.next_due = nxt or ref + after
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"last": self.last, "ctx": self.ctx, "firing": sorted(self.firing)}
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        dirty, self.dirty = self.dirty, set()
+        if full:
+            return {"last": self.last, "ctx": self.ctx, "firing": sorted(self.firing)}
+        return {"dl": {d: [self.last[d], self.ctx[d]] for d in dirty}, "firing": sorted(self.firing)}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
-        self.last = dict(payload.get("last", {}))
-        self.ctx = {k: tuple(v) for k, v in payload.get("ctx", {}).items()}  # type: ignore[misc]
+        if "dl" in payload:
+            for d, (last, ctx) in payload["dl"].items():
+                self.last[d] = last
+                self.ctx[d] = tuple(ctx)  # type: ignore[assignment]
+        else:
+            self.last = dict(payload.get("last", {}))
+            self.ctx = {k: tuple(v) for k, v in payload.get("ctx", {}).items()}  # type: ignore[misc]
         self.firing = set(payload.get("firing", ()))
         self.next_due = 0
 
@@ -256,6 +284,7 @@ class DeviceRules:
             if last is not None and device not in tracker.firing:
                 if t > last:
                     tracker.last[device] = t
+                    tracker.dirty.add(device)
             else:
                 tracker.seen(device, t, plan.ctx, reading.id, out)
         if metrics:
@@ -270,9 +299,9 @@ class DeviceRules:
         for tracker in self.absence.values():
             tracker.check(ref, out)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"t": {k: v.snapshot() for k, v in self.trackers.items()},
-                "a": {k: v.snapshot() for k, v in self.absence.items()}}
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        return {"t": {k: v.snapshot(full) for k, v in self.trackers.items()},
+                "a": {k: v.snapshot(full) for k, v in self.absence.items()}}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
         for k, v in payload.get("t", {}).items():
@@ -297,6 +326,7 @@ class SlaRules:
         # rule id -> entity -> end time (an end seen before its start: the late start is not pending)
         self.ended: dict[str, dict[str, int]] = {r.id: {} for r in self.rules}
         self.next_due = 0
+        self.dirty: set[tuple[str, str]] = set()  # (rule id, entity) changed since the last snapshot
 
     def on_event(self, event_type: str, entity: str, status: str | None, t: int, region: str | None,
                  kecamatan: str | None, event_id: str | None, out: Outputs) -> None:
@@ -308,11 +338,13 @@ class SlaRules:
                 if entity in pending or ended.get(entity, -1) >= t:
                     continue
                 pending[entity] = [t, region, kecamatan, 0]
+                self.dirty.add((rule.id, entity))
                 due = t + rule.within
                 if not self.next_due or due < self.next_due:
                     self.next_due = due
             elif status in rule.ends:
                 p = pending.pop(entity, None)
+                self.dirty.add((rule.id, entity))
                 if p is None:
                     ended[entity] = max(t, ended.get(entity, t))
                 elif p[3]:
@@ -324,26 +356,46 @@ class SlaRules:
         nxt = 0
         for rule in self.rules:
             within = rule.within
+            stale = []
             for entity, p in self.pending[rule.id].items():
                 if p[3]:
+                    if ref - p[0] > SLA_FORGET_MS:
+                        stale.append(entity)  # breached long ago and never ended: its alert stays open
                     continue
                 due = p[0] + within
                 if ref >= due:
                     p[3] = 1
+                    self.dirty.add((rule.id, entity))
                     self.book.trigger(rule, entity, rule.severity, None, due,
                                       (rule.event, p[1], p[2], None), None, out)
                 elif not nxt or due < nxt:
                     nxt = due
+            for entity in stale:
+                del self.pending[rule.id][entity]
+                self.dirty.add((rule.id, entity))
             ended = self.ended[rule.id]
             if ended:  # an out-of-order start older than this is not expected any more
                 for entity in [e for e, t in ended.items() if ref - t > within]:
                     del ended[entity]
+                    self.dirty.add((rule.id, entity))
         self.next_due = nxt
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"p": self.pending, "e": self.ended}
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        dirty, self.dirty = self.dirty, set()
+        if full:
+            return {"p": self.pending, "e": self.ended}
+        return {"d": [[rid, e, self.pending[rid].get(e), self.ended[rid].get(e)] for rid, e in dirty
+                      if rid in self.pending]}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
+        for rid, e, p, ended in payload.get("d", ()):
+            if rid in self.pending:
+                self.pending[rid].pop(e, None)
+                self.ended[rid].pop(e, None)
+                if p is not None:
+                    self.pending[rid][e] = list(p)
+                if ended is not None:
+                    self.ended[rid][e] = ended
         for rid, entities in payload.get("p", {}).items():
             if rid in self.pending:
                 self.pending[rid] = {k: list(v) for k, v in entities.items()}

@@ -40,11 +40,12 @@ log = logging.getLogger("arus.worker.alerts")
 class EventClock:
     """The highest event time seen, moved on by the wall clock while nothing newer arrives."""
 
-    __slots__ = ("wall", "wm")
+    __slots__ = ("last", "wall", "wm")
 
     def __init__(self) -> None:
         self.wm = 0
         self.wall = 0
+        self.last = 0  # the reference never goes back (new data after a silence may be older than it)
 
     def see(self, event_ms: int) -> None:
         if event_ms > self.wm:
@@ -56,7 +57,8 @@ class EventClock:
             return 0
         if not self.wall:
             self.wall = now_ms
-        return self.wm + max(0, now_ms - self.wall)
+        self.last = max(self.last, self.wm + max(0, now_ms - self.wall))
+        return self.last
 
 
 def parse_command(env: Mapping[str, Any], now_ms: int) -> tuple[str, str, str, str, str, str, int] | str:
@@ -129,7 +131,8 @@ class AlertHandler:
         return None  # timers run in on_flush, which gets the checkpoint's clock
 
     def snapshot(self, full: bool) -> dict[str, Any]:
-        return {"book": self.book.snapshot(), "dev": self.devices.snapshot(), "sla": self.sla.snapshot(),
+        # full: everything; otherwise what changed since the previous snapshot (restore applies them in order)
+        return {"book": self.book.snapshot(full), "dev": self.devices.snapshot(full), "sla": self.sla.snapshot(full),
                 "clk": [self.clock.wm, self.sla_clock.wm]}
 
     def restore(self, payload: Mapping[str, Any]) -> None:

@@ -49,6 +49,7 @@ class AlertBook:
         self.open: dict[tuple[str, str], dict[str, Any]] = {}
         self.closed: dict[tuple[str, str], dict[str, Any]] = {}  # auto-resolved, may re-open
         self._by_rule: dict[str, dict[str, dict[str, Any]]] = {}  # rule id -> entity -> open alert
+        self._dirty: set[tuple[str, str]] = set()  # changed since the last snapshot
         self._templates: dict[tuple[str, str], str] = {}  # (rule id, severity) -> message template
 
     def _message(self, rule: RuleLike, entity: str, severity: str, value: float | None) -> str:
@@ -75,6 +76,7 @@ class AlertBook:
         key = (rule.id, entity)
         a = self.open.get(key)
         if a is None:
+            self._dirty.add(key)
             old = self.closed.pop(key, None)
             if old is not None and 0 <= t - old["resolved_at"] <= rule.reopen_window:
                 a = old
@@ -97,10 +99,12 @@ class AlertBook:
             self._set_open(key, a)
             self._emit(a, "opened", t, out)
             return
-        a["_clear_since"] = None
+        if a["_clear_since"] is not None:
+            a["_clear_since"] = None
+            self._dirty.add(key)
         if severity == a["severity"]:
-            a["value"] = value  # the same condition again: no transition, no record
-            return
+            return  # the same condition again: no transition; `value` stays the one of the last transition
+        self._dirty.add(key)
         up = severity_rank(severity) > severity_rank(a["severity"])
         a.update(severity=severity, value=value, trigger_event=trigger_event,
                  message=self._message(rule, entity, severity, value))
@@ -113,6 +117,7 @@ class AlertBook:
         a = self.open.get(key)
         if a is None:
             return True
+        self._dirty.add(key)
         note = None
         if not force and len([r for r in a["_reopens"] if t - r <= rule.flap_window]) > rule.max_reopens:
             since = a["_clear_since"]
@@ -138,6 +143,7 @@ class AlertBook:
             for key in [k for k, a in self.closed.items()
                         if t - a["resolved_at"] > reopen_window.get(k[0], 0)]:
                 del self.closed[key]
+                self._dirty.add(key)
 
     # -- operators --------------------------------------------------------------------------------
     def command(self, action: str, actor: str, alert: str, rule_id: str, entity: str, command_id: str, t: int,
@@ -146,6 +152,7 @@ class AlertBook:
         key = (rule_id, entity)
         a = self.open.get(key)
         if a is not None and a["id"] == alert:
+            self._dirty.add(key)
             dedup = command_dedup(alert, command_id)
             if action == "ack":
                 if a["state"] != "acknowledged":
@@ -160,6 +167,7 @@ class AlertBook:
         if old is not None and old["id"] == alert:
             if action == "resolve":
                 del self.closed[key]  # confirmed by an operator: a new trigger is a new alert
+                self._dirty.add(key)
             return True
         return False
 
@@ -173,10 +181,34 @@ class AlertBook:
         out.emit(topics.ALERTS, a["id"], {"alert": {k: a[k] for k in PUBLIC}, "event": event})
 
     # -- checkpoint -------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        return {"open": list(self.open.values()), "closed": list(self.closed.values())}
+    def snapshot(self, full: bool = True) -> dict[str, Any]:
+        """Everything, or (full=False) the alerts changed since the last snapshot: [rule, entity, where, alert]
+        with where = "o" (open), "c" (auto-resolved, re-openable) or None (forgotten)."""
+        dirty, self._dirty = self._dirty, set()
+        if full:
+            return {"open": list(self.open.values()), "closed": list(self.closed.values())}
+        delta: list[list[Any]] = []
+        for key in dirty:
+            where: str | None = "o"
+            a = self.open.get(key)
+            if a is None:
+                a = self.closed.get(key)
+                where = "c" if a is not None else None
+            delta.append([key[0], key[1], where, a])
+        return {"delta": delta}
 
     def restore(self, payload: Mapping[str, Any]) -> None:
+        if "delta" in payload:
+            for rule_id, entity, where, a in payload["delta"]:
+                key = (rule_id, entity)
+                if key in self.open:
+                    self._drop_open(key)
+                self.closed.pop(key, None)
+                if where == "o":
+                    self._set_open(key, dict(a))
+                elif where == "c":
+                    self.closed[key] = dict(a)
+            return
         self.open = {}
         for entities in self._by_rule.values():
             entities.clear()  # the same dicts: evaluators hold them
