@@ -119,7 +119,10 @@ class AlertBook:
             return True
         self._dirty.add(key)
         note = None
-        if not force and len([r for r in a["_reopens"] if t - r <= rule.flap_window]) > rule.max_reopens:
+        reopens = a["_reopens"]
+        while reopens and t - reopens[0] > rule.flap_window:
+            del reopens[0]  # re-opens older than the flap window no longer count
+        if not force and len(reopens) > rule.max_reopens:
             since = a["_clear_since"]
             if since is None or t < since:
                 a["_clear_since"] = t
