@@ -59,7 +59,8 @@ LIMIT_DEFAULT = 200
 LIMIT_MAX = 1000
 REPLAY_PAGE = 500
 SUBSCRIBER_QUEUE = 10_000
-HOLD_BACK_S = 0.25  # longest wait for a lower seq still in flight (see AlertHub._dispatch)
+HOLD_BACK_S = 1.0  # longest wait for a lower seq still in flight (see AlertHub._dispatch); only
+# while another writer holds alert_events, so it rarely applies, but a loaded machine needs the margin
 TIME_FIELDS = ("opened_at", "updated_at", "acknowledged_at", "resolved_at")
 
 _ALERT_COLUMNS = ("id", "rule_id", "entity", "kind", "region_code", "kecamatan", "metric", "severity", "state",
