@@ -45,8 +45,8 @@ class LevelTracker:
         self.n = len(rule.levels)
         self.top = self.n - 1
         self.threshold = self.enters[0]  # nothing to do at or under this while calm
-        self.for_n = rule.for_readings if isinstance(rule, ThresholdRule) else 1
-        self.for_ms = rule.for_ms if isinstance(rule, ThresholdRule) else 0
+        self.for_n = rule.for_readings if isinstance(rule, ThresholdRule | RateRule) else 1
+        self.for_ms = rule.for_ms if isinstance(rule, ThresholdRule | RateRule) else 0
         self.simple = self.for_n == 1 and not self.for_ms
         self.open = book.index(rule.id)  # entity -> open alert of this rule
         self.state: dict[str, list[int]] = {}

@@ -215,13 +215,13 @@ class _Leveled(_Rule):
         return self
 
 
-class ThresholdRule(_Leveled):
-    type: Literal["threshold"]
-    metric: str
-    for_: int | str = Field(1, alias="for")  # consecutive readings (int) or a duration (str)
+class _Sustained(_Leveled):
+    """Rules whose levels are entered only after `for`: N consecutive readings (int) or a duration (str)."""
+
+    for_: int | str = Field(1, alias="for")
 
     @model_validator(mode="after")
-    def _for(self) -> ThresholdRule:
+    def _for(self) -> _Sustained:
         if isinstance(self.for_, int):
             if self.for_ < 1:
                 raise ValueError("for: at least 1 reading")
@@ -240,13 +240,18 @@ class ThresholdRule(_Leveled):
     def for_ms(self) -> int:
         return 0 if isinstance(self.for_, int) else parse_duration(self.for_)
 
+
+class ThresholdRule(_Sustained):
+    type: Literal["threshold"]
+    metric: str
+
     def default_message(self, entity: str, severity: str, value: str) -> str:
         lv = next((lv for lv in self.levels if lv.severity == severity), self.levels[0])
         way = "above" if lv.above is not None else "below"
         return f"{self.metric} {value} on {entity}: {way} {lv.enter:g} ({severity})"
 
 
-class RateRule(_Leveled):
+class RateRule(_Sustained):
     """The change of `metric` over the last `over` (latest value minus the oldest within `over`)."""
 
     type: Literal["rate"]
@@ -419,7 +424,8 @@ def summarize(rule: Rule) -> str:
         if isinstance(rule, ThresholdRule):
             what = f"{rule.metric}: {levels}" + (f", for {rule.for_}" if rule.for_ != 1 else "")
         elif isinstance(rule, RateRule):
-            what = f"change of {rule.metric} over {format_duration(rule.over)}: {levels}"
+            what = f"change of {rule.metric} over {format_duration(rule.over)}: {levels}" + (
+                f", for {rule.for_}" if rule.for_ != 1 else "")
         else:
             what = f"{rule.agg} {rule.metric} over {format_duration(rule.over)} per kecamatan: {levels}"
     off = "" if rule.enabled else " [disabled]"

@@ -470,3 +470,13 @@ def test_delta_checkpoints_restore_to_the_same_state_and_the_same_future(seed):
     run(w, steps[cut + 1:], None)
     run(w2, steps[cut + 1:], None)
     assert w2.alerts_out() == w.alerts_out()
+
+
+def test_rate_rule_with_for_needs_the_rise_on_consecutive_readings():
+    rules = {"rules": [{"id": "rise2", "kind": "water_level", "metric": "waterLevel", "type": "rate", "over": "10m",
+                        "severity": "warning", "above": 0.5, "clear_below": 0.2, "for": 2}]}
+    w = Worker(rules)
+    for i, lv in enumerate([1.0, 1.7, 1.0, 1.1, 1.0, 1.6, 1.7]):  # a single spike, then a sustained rise
+        w.reading("g1", T0 + i * MIN, waterLevel=lv)
+    msgs = w.alerts_out("rise2")
+    assert transitions(msgs) == [("opened", "warning")] and msgs[0]["alert"]["opened_at"] == T0 + 6 * MIN
