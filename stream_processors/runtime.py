@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from schemas import reasons
+from schemas import reasons, topics
 from schemas.errors import ConfigError
 from schemas.results import Rejected
 
@@ -61,6 +61,12 @@ class Partitioner:
         return hit
 
 
+# Aggregates are keyed per window (scope|key|metric|start): unique keys, so hashing them missed the
+# partitioner's cache for nearly every record (~10% of the worker). Route them by scope|key instead:
+# one window still always lands in one partition, so its states stay in order.
+ROUTES: dict[str, Callable[[bytes], bytes]] = {topics.AGGREGATES: lambda key: key.rsplit(b"|", 2)[0]}
+
+
 class BatchProducer:
     """Produces many records with one BatchBuilder per (topic, partition) instead of one send each."""
 
@@ -82,10 +88,16 @@ class BatchProducer:
                    topic: str | None = None) -> None:
         """Records are (topic suffix, key, value); `topic` overrides the suffix with a full name."""
         by_tp: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+        counts = self.partitions
+        partitioner = self.partitioner
         for suffix, key, value in records:
             topic_ = topic or self.topic_name(suffix)
-            n = await self._partition_count(topic_)
-            p = partition if partition is not None else self.partitioner(key, n)
+            n = counts.get(topic_) or await self._partition_count(topic_)
+            if partition is not None:
+                p = partition
+            else:
+                route = ROUTES.get(suffix)
+                p = partitioner(route(key) if route is not None and key is not None else key, n)
             by_tp.setdefault((topic_, p), []).append((key, value))
         for (topic, p), items in by_tp.items():
             batch = self.producer.create_batch()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from array import array
+from base64 import b64decode, b64encode
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -42,6 +43,25 @@ class ReadingObserver(Protocol):
 
     def on_reading(self, reading: Reading, out: Outputs) -> None: ...
     def on_flush(self, now_ms: int, out: Outputs) -> None: ...
+
+
+def _pack(state: array) -> str:
+    """A window's doubles for the checkpoint: base64 of the little-endian bytes (about 10x cheaper to
+    write and read than a JSON list of floats, and exact)."""
+    if sys.byteorder != "little":
+        state = array("d", state)
+        state.byteswap()
+    return b64encode(state.tobytes()).decode("ascii")
+
+
+def _unpack(values: str | list[float]) -> array:
+    if isinstance(values, list):  # checkpoints written before the packed form
+        return array("d", values)
+    state = array("d")
+    state.frombytes(b64decode(values))
+    if sys.byteorder != "little":
+        state.byteswap()
+    return state
 
 
 class TelemetryPartition:
@@ -209,9 +229,9 @@ class TelemetryPartition:
         keys_r = self.regions.keys() if full else self.dirty_regions
         payload = {
             "offset": self.offset, "watermark": self.watermark, "full": full,
-            "w": [[k[0], k[1], k[2], self.region_of.get(k[0], ""), self.devices[k].tolist()]
+            "w": [[k[0], k[1], k[2], self.region_of.get(k[0], ""), _pack(self.devices[k])]
                   for k in keys_d if k in self.devices],
-            "r": [[k[0], k[1], k[2], self.regions[k].tolist()] for k in keys_r if k in self.regions],
+            "r": [[k[0], k[1], k[2], _pack(self.regions[k])] for k in keys_r if k in self.regions],
             "h": {name: h.snapshot(full) for name, h in self.handlers.items()},
         }
         self.dirty_devices = set()
@@ -223,11 +243,11 @@ class TelemetryPartition:
             self.devices.clear()
             self.regions.clear()
         for device, metric, start, region, values in payload.get("w", ()):
-            self.devices[(device, metric, start)] = array("d", values)
+            self.devices[(device, metric, start)] = _unpack(values)
             if region:
                 self.region_of[device] = region
         for kec, metric, start, values in payload.get("r", ()):
-            self.regions[(kec, metric, start)] = array("d", values)
+            self.regions[(kec, metric, start)] = _unpack(values)
         for name, state in payload.get("h", {}).items():
             if name in self.handlers:
                 self.handlers[name].restore({**state, "full": payload.get("full", False)})
