@@ -7,7 +7,7 @@
 - the `EnvelopeHandler` of operators' commands (`schemas.alerts.COMMAND_TYPE`; the API keys them by
   the alert's entity, so they reach the partition holding its state). A command for an aggregate
   (kecamatan) alert is forwarded to the region-merge stage, which holds those,
-and its snapshot carries the whole alert state in the partition's checkpoint.
+and its snapshot carries the alert state (all of it, or what changed) in the partition's checkpoint.
 
 `RegionAlerts`, one per region-merge partition: aggregate rules over the merged kecamatan windows.
 
