@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     gateway_switch_interval_s: float = Field(0.0005, gt=0, le=0.1)
 
     # Sink (Kafka -> PostgreSQL): flush when this many rows are buffered or the oldest is this old.
-    sink_flush_rows: int = Field(20_000, ge=1)
+    sink_flush_rows: int = Field(50_000, ge=1)
+    # devices.last_seen is written at most this often per device (always the highest observation time)
+    sink_last_seen_interval_s: float = Field(5.0, ge=0)
     sink_flush_ms: int = Field(100, ge=1)
     # Tansu answers a JoinGroup after about half the session timeout (measured: 5 s with the
     # default 10 s, 1 s with 2 s), so a short session makes sink start and failover fast.

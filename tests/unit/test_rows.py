@@ -328,3 +328,25 @@ def test_add_records_matches_add() -> None:
     assert agg.add_records(Kind.AGGREGATES, [_Rec(orjson.dumps(aggregate()), 0), _Rec(b"{}", 1)],
                            topic="a", partition=0) == 1
     assert len(agg.aggregates) == 1 and len(agg.dead_letters) == 1
+
+
+def test_last_seen_throttle_writes_each_device_at_most_once_per_interval_with_its_newest_time() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from consumers.sink import LastSeenThrottle
+
+    t0 = datetime(2026, 11, 28, tzinfo=UTC)
+    row = lambda dev, s: (t0 + timedelta(seconds=s), dev, "35.09.19", "waterLevel", 1.0, f"{dev}/{s}")  # noqa: E731
+    th = LastSeenThrottle(5.0)
+    th.add([row("a", 1), row("b", 2), row("a", 3)])
+    assert th.take(100.0) == (["a", "b"], [t0 + timedelta(seconds=3), t0 + timedelta(seconds=2)])
+    th.add([row("a", 4), row("a", 2)])  # an older (late) reading never moves it back
+    assert th.take(102.0) == ([], [])  # within the interval: held
+    assert th.has_due(105.0) and not th.has_due(104.0)
+    assert th.take(105.0) == (["a"], [t0 + timedelta(seconds=4)])
+    th.add([row("b", 9)])
+    devices, times = th.take(106.0)
+    th.restore(devices, times)  # a failed write puts them back, due at once
+    assert th.take(106.5) == (["b"], [t0 + timedelta(seconds=9)])
+    th.add([row("c", 1)])
+    assert th.take(106.6, everything=True) == (["c"], [t0 + timedelta(seconds=1)])
