@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     batch_max: int = Field(5000, ge=1)
     batch_linger_ms: int = Field(20, ge=0)
     checkpoint_interval_ms: int = Field(1000, ge=50)
+    # A changing 1-minute window's running state goes to jember.aggregates at most this often (its
+    # final state always goes out when it closes)
+    aggregate_emit_interval_ms: int = Field(5000, ge=0)
 
     # Personal data: key of the keyed hash (HMAC) that replaces NIK/names at ingest
     pii_key: SecretStr = SecretStr("change-me-in-production")

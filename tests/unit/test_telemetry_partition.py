@@ -203,3 +203,44 @@ def test_status_of_a_registered_device_is_forwarded_and_unknown_is_dead_lettered
     assert records(out, "device-status") == [{"device_id": "d1", "status": "offline", "reason": "status_message",
                                               "time": T0, "last_seen": None, "id": "d1/status/1"}]
     assert [d["reason"] for d in records(out, "dlq")] == [reasons.UNKNOWN_DEVICE, reasons.INVALID_PAYLOAD]
+
+
+def test_running_window_states_go_out_at_most_every_interval_and_always_when_they_close():
+    p, out = new_partition(lateness_ms=60_000), Outputs()
+    p.aggregate_interval_ms = 5_000
+    clock = 1_000_000
+    p.process(raw("d0", T0, 1.0), 0, NOW, out)
+    p.flush(out, clock)  # first emission: at once
+    assert [a["count"] for a in records(out, "aggregates")] == [1]
+    out.clear()
+    p.process(raw("d0", T0 + 10_000, 3.0), 1, NOW, out)
+    p.flush(out, clock + 1_000)  # changed, but within the interval: held (still in the state)
+    assert records(out, "aggregates") == []
+    p.snapshot(False)
+    p.process(raw("d0", T0 + 20_000, 5.0), 2, NOW, out)
+    p.flush(out, clock + 5_000)  # the interval passed: the newest full state, once
+    assert [(a["count"], a["sum"], a["final"]) for a in records(out, "aggregates")] == [(3, 9.0, False)]
+    out.clear()
+    p.process(raw("d0", T0 + 30_000, 1.0), 3, NOW, out)
+    p.process(raw("d1", T0 + 200_000, 1.0), 4, NOW, out)  # the watermark closes window T0
+    p.flush(out, clock + 6_000)
+    finals = [(a["key"], a["count"], a["final"]) for a in records(out, "aggregates") if a["key"] == "d0"]
+    assert finals == [("d0", 4, True)], "a held-back change goes out with the window's final state"
+
+
+def test_a_held_back_window_state_goes_out_after_a_restore():
+    p, out = new_partition(), Outputs()
+    p.aggregate_interval_ms = 5_000
+    p.process(raw("d0", T0, 1.0), 0, NOW, out)
+    p.offset = 0
+    p.flush(out, 1_000_000)
+    p.process(raw("d0", T0 + 10_000, 3.0), 1, NOW, out)
+    p.offset = 1
+    p.flush(out, 1_001_000)  # held back
+    checkpoint = orjson.loads(orjson.dumps(p.snapshot(True)))
+    # the worker dies here; the next owner restores and must emit the held-back state
+    q, out2 = new_partition(), Outputs()
+    q.aggregate_interval_ms = 5_000
+    q.restore(checkpoint)
+    q.flush(out2, 1_001_500)
+    assert [(a["count"], a["sum"]) for a in records(out2, "aggregates")] == [(2, 4.0)]
