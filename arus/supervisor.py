@@ -315,7 +315,9 @@ class Supervisor:
             rows.append((comp.label, _mask(comp.url), how))
         port = self.settings.http_port
         rows.append(("API", f"http://127.0.0.1:{port}/", f"OpenAPI at http://127.0.0.1:{port}/openapi.json"))
-        rows.append(("Console", f"http://127.0.0.1:{port}/", "status board per kecamatan (the operator console comes with the alerts work)"))
+        rows.append(("Console", f"http://127.0.0.1:{port}/", "operator console: live alerts, status per kecamatan"
+                                                               " (token: arus operators add NAME)"))
+        rows.append(("Public", f"http://127.0.0.1:{port}/public", "program indicators per kecamatan, open data"))
         procs = ", ".join(f"{c.name} {c.proc.pid}" for c in self.children.values() if c.proc is not None)
         rows.append(("Processes", procs, f"simulator at {self.simulate_rate} msg/s" if self.simulate else ""))
         rows.append(("Data", str(self.data_dir), f"logs in {self.data_dir / 'logs'}"))

@@ -5,7 +5,7 @@ devices online, active alerts and their worst severity) plus dead letters of the
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from importlib import resources
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,8 +40,12 @@ ORDER BY r.code
 """
 
 
+# next to the package, not importlib.resources: an editable install run from another directory
+# resolves "arus" to a namespace path that cannot read files
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
 def _static(name: str) -> str:
-    return resources.files("arus").joinpath("static", name).read_text("utf-8")
+    return (STATIC / name).read_text("utf-8")
 
 
 def routes(settings: Settings) -> APIRouter:

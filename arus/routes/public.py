@@ -6,7 +6,7 @@ from the API and are shown as hidden."""
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Response
 
@@ -18,8 +18,12 @@ _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"}
 
 
+# next to the package, not importlib.resources: an editable install run from another directory
+# resolves "arus" to a namespace path that cannot read files
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
 def _read(name: str) -> str:
-    return resources.files("arus").joinpath("static", "public", name).read_text("utf-8")
+    return (STATIC / "public" / name).read_text("utf-8")
 
 
 def routes(settings: Settings) -> APIRouter:
