@@ -147,16 +147,10 @@ UPDATE_LAST_SEEN_FROM_ARRAYS = sql.SQL(
 
 
 def _last_seen(readings: Sequence[ReadingRow]) -> tuple[list[str], list[Any]]:
-    latest: dict[str, Any] = {}
-    get = latest.get
-    for row in readings:
-        t, device = row[0], row[1]
-        seen = get(device)
-        if seen is None or t > seen:
-            latest[device] = t
-    # sorted: concurrent sinks (a rebalance, a restart) then lock device rows in the same order
-    devices = sorted(latest)
-    return devices, [latest[d] for d in devices]
+    """Every device of these readings with its newest observation time (no throttle)."""
+    throttle = LastSeenThrottle(0.0)
+    throttle.add(readings)
+    return throttle.take(0.0, everything=True)
 
 
 class LastSeenThrottle:

@@ -9,30 +9,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import secrets
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 
-from schemas.errors import ConfigError
+from infra import principals
 
 KEY_PREFIX = "arus_ak_"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-WIB = ZoneInfo("Asia/Jakarta")
+NAME_RE = principals.NAME_RE
 
 
-@dataclass(frozen=True, slots=True)
-class Agency:
-    name: str
-    created_at: datetime
-    revoked_at: datetime | None
+Agency = principals.Principal
 
 
 def hash_key(key: str) -> str:
@@ -41,25 +32,18 @@ def hash_key(key: str) -> str:
 
 def add_agency(conn: psycopg.Connection[Any], name: str) -> str:
     """Create an agency (or give a revoked/existing one a new key); returns the key, shown once."""
-    if not NAME_RE.match(name):
-        raise ConfigError(f"invalid agency name {name!r}: letters, digits, _ . - (max 64)")
+    principals.check_name(name, "agency")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    conn.execute(
-        """INSERT INTO agencies (name, key_hash) VALUES (%s, %s)
-           ON CONFLICT (name) DO UPDATE SET key_hash = EXCLUDED.key_hash, revoked_at = NULL""",
-        (name, hash_key(key)),
-    )
+    principals.issue(conn, "agencies", name, hash_key(key))
     return key
 
 
 def revoke_agency(conn: psycopg.Connection[Any], name: str) -> bool:
-    cur = conn.execute("UPDATE agencies SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL", (name,))
-    return cur.rowcount == 1
+    return principals.revoke(conn, "agencies", name)
 
 
 def list_agencies(conn: psycopg.Connection[Any]) -> list[Agency]:
-    rows = conn.execute("SELECT name, created_at, revoked_at FROM agencies ORDER BY name").fetchall()
-    return [Agency(*row) for row in rows]
+    return principals.list_all(conn, "agencies")
 
 
 def agency_for_key(conn: psycopg.Connection[Any], key: str) -> str | None:
@@ -124,9 +108,5 @@ def main(dsn: str, args: argparse.Namespace) -> int:
                 return 1
             print(f"agency {args.name} revoked")
         else:
-            print(f"{'agency':<32} {'created (WIB)':<20} status")
-            for a in list_agencies(conn):
-                created = a.created_at.astimezone(WIB).strftime("%Y-%m-%d %H:%M")
-                status = "revoked " + a.revoked_at.astimezone(WIB).strftime("%Y-%m-%d %H:%M") if a.revoked_at else "active"
-                print(f"{a.name:<32} {created:<20} {status}")
+            print("\n".join(principals.format_list(list_agencies(conn), "agency")))
     return 0

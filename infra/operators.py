@@ -10,29 +10,20 @@ token and makes the old one invalid.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import sys
-from dataclasses import dataclass
-from datetime import datetime
 from enum import Enum
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 
+from infra import principals
 from infra.devices import hash_secret, verify_secret
-from schemas.errors import ConfigError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the CHECK of operators.name
-WIB = ZoneInfo("Asia/Jakarta")
+NAME_RE = principals.NAME_RE
 
 
-@dataclass(frozen=True, slots=True)
-class Operator:
-    name: str
-    created_at: datetime
-    revoked_at: datetime | None
+Operator = principals.Principal
 
 
 class Auth(Enum):
@@ -43,25 +34,18 @@ class Auth(Enum):
 
 def add_operator(conn: psycopg.Connection[Any], name: str) -> str:
     """Create (or re-issue) an operator; returns the token, shown once."""
-    if not NAME_RE.match(name):
-        raise ConfigError(f"invalid operator name {name!r}: letters, digits, _ . - (at most 64)")
+    principals.check_name(name, "operator")
     token = f"{name}.{secrets.token_urlsafe(24)}"
-    conn.execute(
-        """INSERT INTO operators (name, token_hash) VALUES (%s, %s)
-           ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash, revoked_at = NULL""",
-        (name, hash_secret(token)),
-    )
+    principals.issue(conn, "operators", name, hash_secret(token))
     return token
 
 
 def revoke_operator(conn: psycopg.Connection[Any], name: str) -> bool:
-    cur = conn.execute("UPDATE operators SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL", (name,))
-    return cur.rowcount == 1
+    return principals.revoke(conn, "operators", name)
 
 
 def list_operators(conn: psycopg.Connection[Any]) -> list[Operator]:
-    rows = conn.execute("SELECT name, created_at, revoked_at FROM operators ORDER BY name").fetchall()
-    return [Operator(*row) for row in rows]
+    return principals.list_all(conn, "operators")
 
 
 def token_name(token: str) -> str | None:
@@ -124,10 +108,5 @@ def main(dsn: str, action: str, name: str | None) -> int:
                 return 1
             print(f"operator {name} revoked")
         else:
-            print(f"{'operator':<32} {'created (WIB)':<19}  status")
-            for op in list_operators(conn):
-                created = op.created_at.astimezone(WIB).strftime("%Y-%m-%d %H:%M:%S")
-                status = "revoked " + op.revoked_at.astimezone(WIB).strftime("%Y-%m-%d %H:%M") if op.revoked_at \
-                    else "active"
-                print(f"{op.name:<32} {created:<19}  {status}")
+            print("\n".join(principals.format_list(list_operators(conn), "operator")))
     return 0
