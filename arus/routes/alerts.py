@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +42,7 @@ import psycopg
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
 from psycopg import conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -585,6 +587,41 @@ class _State:
     webhook: Webhook | None = None
 
 
+class _StateCollector:
+    """Scrape-time gauges: alerts by state and severity (one small query, cached 5 s) and the use of
+    the API's database pool."""
+
+    def __init__(self, st: _State, dsn: str | None) -> None:
+        self.st = st
+        self.dsn = dsn
+        self._cache: tuple[float, list[tuple[str, str, int]]] = (0.0, [])
+
+    def _alerts(self) -> list[tuple[str, str, int]]:
+        at, rows = self._cache
+        if self.dsn is None or time.monotonic() - at < 5.0:
+            return rows
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=2, autocommit=True) as conn:
+                rows = [(str(a), str(b), int(c)) for a, b, c in conn.execute(
+                    "SELECT state, severity, count(*) FROM alerts GROUP BY 1, 2").fetchall()]
+        except psycopg.Error:
+            return rows  # the last known values; /healthz says the database is unreachable
+        self._cache = (time.monotonic(), rows)
+        return rows
+
+    def collect(self) -> Any:
+        alerts = GaugeMetricFamily("arus_alerts", "alerts by state and severity", labels=["state", "severity"])
+        for state, severity, n in self._alerts():
+            alerts.add_metric([state, severity], n)
+        yield alerts
+        pool = GaugeMetricFamily("arus_api_db_pool_connections", "the API's PostgreSQL pool", labels=["what"])
+        if self.st.pool is not None:
+            stats = self.st.pool.get_stats()
+            for what in ("pool_size", "pool_available", "requests_waiting"):
+                pool.add_metric([what], stats.get(what, 0))
+        yield pool
+
+
 def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="arus-operators"'})
 
@@ -592,6 +629,8 @@ def _unauthorized(detail: str) -> HTTPException:
 def routes(settings: Settings, registry: CollectorRegistry | None = None) -> APIRouter:
     st = _State()
     metrics = AlertMetrics(registry)
+    if registry is not None:
+        registry.register(_StateCollector(st, settings.database_dsn() if settings.database_url else None))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -54,3 +54,22 @@ def test_services_are_ready_and_expose_their_metrics(arus_env, spawn_arus, fresh
     # after SIGTERM the endpoint goes away with the process (graceful stop, exit code 0)
     assert procs["sink"].stop() == 0
     wait_until(lambda: _get(ports["sink"], "/healthz") is None, 30, message="sink endpoint closed")
+
+
+def test_api_metrics_include_alerts_by_state_and_its_database_pool(arus_env, spawn_arus, fresh_database_url):
+    import psycopg
+
+    env = arus_env(database_url=fresh_database_url)
+    with psycopg.connect(env["ARUS_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("INSERT INTO alerts (id, rule_id, entity, severity, state, opened_at, updated_at)"
+                     " VALUES ('r:e:1', 'r', 'e', 'major', 'open', now(), now())")
+    spawn_arus("api", env=env)
+    base = f"http://127.0.0.1:{env['ARUS_HTTP_PORT']}"
+    wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 30, message="api answers")
+
+    def scraped() -> str:
+        return httpx.get(f"{base}/metrics", timeout=5).text
+
+    wait_until(lambda: 'arus_alerts{severity="major",state="open"} 1.0' in scraped(), 30, message="alerts by state")
+    page = scraped()
+    assert 'arus_api_db_pool_connections{what="pool_size"}' in page and "arus_api_requests_total" in page
