@@ -86,9 +86,10 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         factory=lambda p: _merge_partition(p),
         **common,  # type: ignore[arg-type]
     )
+    from .alerting.rules import IndicatorRule
     from .indicators.stage import indicator_runners  # program indicators (docs/indicators.md)
 
-    return [telemetry, region, *indicator_runners(settings, common)]
+    return [telemetry, region, *indicator_runners(settings, common, rules.of_type(IndicatorRule))]
 
 
 async def _refresh_loop(registry: DeviceRegistry, stop: asyncio.Event) -> None:

@@ -324,9 +324,38 @@ class AggregateRule(_Leveled):
         return f"{self.agg} {self.metric} over {format_duration(self.over)} in {entity}: {value} ({severity})"
 
 
-Rule = ThresholdRule | RateRule | AbsenceRule | SlaRule | AggregateRule
+class IndicatorRule(_Rule):
+    """A program indicator (infra/indicators catalogue) missing its target in a region: the newest
+    period's cell is off_track (or, with `when: at_risk`, at risk or worse). Evaluated by the
+    indicator stage as it emits the cell; suppressed cells (too few persons) never alert."""
+
+    type: Literal["indicator"]
+    indicator: str  # an indicator id of the catalogue (or a series id such as complaints_sla.pct)
+    when: Literal["off_track", "at_risk"] = "off_track"
+    period: Literal["hour", "day", "week", "month"] | None = None
+    severity: Severity = "warning"
+
+    @model_validator(mode="after")
+    def _indicator_scope(self) -> IndicatorRule:
+        if self.kind is not None or self.device is not None:
+            raise ValueError("kind: indicator rules are scoped by `indicator` and `region`, not kind/device")
+        return self
+
+    def matches(self, indicator_id: str, region: str, period: str) -> bool:
+        return ((indicator_id == self.indicator or indicator_id.startswith(self.indicator + "."))
+                and self.matches_region(region) and (self.period is None or self.period == period))
+
+    def breached(self, standing: str | None) -> bool:
+        return standing == "off_track" or (self.when == "at_risk" and standing == "at_risk")
+
+    def default_message(self, entity: str, severity: str, value: str) -> str:
+        return f"indicator {entity} below its target: {value} ({self.when.replace('_', ' ')} or worse)"
+
+
+Rule = ThresholdRule | RateRule | AbsenceRule | SlaRule | AggregateRule | IndicatorRule
 RULE_TYPES: dict[str, type[BaseModel]] = {
     "threshold": ThresholdRule, "rate": RateRule, "absence": AbsenceRule, "sla": SlaRule, "aggregate": AggregateRule,
+    "indicator": IndicatorRule,
 }
 _LIFECYCLE = ("reopen_window", "max_reopens", "flap_window")
 
@@ -418,6 +447,9 @@ def summarize(rule: Rule) -> str:
                 f"{format_duration(rule.within)} -> {rule.severity}")
     elif isinstance(rule, AbsenceRule):
         what = f"silent for {format_duration(rule.after)} -> {rule.severity}"
+    elif isinstance(rule, IndicatorRule):
+        what = f"indicator {rule.indicator} {rule.when} or worse" + (f" ({rule.period})" if rule.period else "") + (
+            f" -> {rule.severity}")
     else:
         levels = "; ".join(
             f"{lv.severity} {'>' if lv.direction > 0 else '<'} {lv.enter:g} (clear {lv.clear:g})" for lv in rule.levels)

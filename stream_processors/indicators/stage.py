@@ -34,6 +34,8 @@ from infra.settings import Settings
 from schemas import reasons, topics
 from schemas.results import Rejected
 
+from ..alerting.lifecycle import AlertBook
+from ..alerting.rules import IndicatorRule
 from ..outputs import Outputs
 from ..runtime import StreamRunner
 from .compute import (
@@ -135,11 +137,48 @@ class _StageState(IndicatorState):
         return end > self.wm
 
 
+class IndicatorAlerts:
+    """`indicator` alert rules over the cells this partition emits: the newest period of an (indicator,
+    region) decides; the alert's entity is `indicator@region`. Event time is the partition's watermark."""
+
+    def __init__(self, rules: list[IndicatorRule]) -> None:
+        self.rules = rules
+        self.book = AlertBook()
+        self.latest: dict[str, int] = {}  # indicator@region -> newest period start evaluated
+
+    def on_cell(self, result: Mapping[str, Any], t: int, out: Outputs) -> None:
+        if not self.rules or result.get("suppressed") or result.get("value") is None:
+            return
+        ind, region, period = str(result["indicator_id"]), str(result["region_code"]), str(result["period"])
+        entity = f"{ind}@{region}"
+        start = int(result["period_start"])
+        if start < self.latest.get(entity, start):
+            return  # a late correction of an older period does not speak for the indicator now
+        self.latest[entity] = start
+        value = float(result["value"])
+        kec = region if region.count(".") == 2 else None
+        for rule in self.rules:
+            if not rule.matches(ind, region, period):
+                continue
+            if rule.breached(result.get("standing")):
+                self.book.trigger(rule, entity, rule.severity, value, t, (None, region, kec, ind), None, out)
+            else:
+                self.book.clear(rule, entity, t, value, None, out)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"book": self.book.snapshot(True), "latest": self.latest}
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        self.book.restore(payload.get("book") or {"open": [], "closed": []})
+        self.latest = dict(payload.get("latest") or {})
+
+
 class IndicatorPartition:
     """One partition of internal.indicator-input: the cells of the kabupatens hashed to it."""
 
     def __init__(self, partition: int, source_topic: str, catalogue: Catalogue, *, min_persons: int,
-                 lateness_ms: int, sensor_close_ms: int, entity_retention_ms: int, max_future_ms: int) -> None:
+                 lateness_ms: int, sensor_close_ms: int, entity_retention_ms: int, max_future_ms: int,
+                 rules: list[IndicatorRule] | None = None) -> None:
         self.partition = partition
         self.source_topic = source_topic
         self.offset = -1
@@ -150,6 +189,7 @@ class IndicatorPartition:
         self._swept_hour = -1
         self.fingerprint = catalogue_fingerprint(catalogue)
         self._rebuild = False  # the restored state was computed with another catalogue
+        self.alerts = IndicatorAlerts(rules or [])
 
     # -- hot path -------------------------------------------------------------------------------
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
@@ -188,6 +228,7 @@ class IndicatorPartition:
             if result is not None:
                 out.emit(topics.INDICATORS, f"{result['indicator_id']}|{result['region_code']}|"
                          f"{result['period']}|{result['period_start']}", result)
+                self.alerts.on_cell(result, max(st.wm, st.swm), out)
         for ck in sorted(st.tombstones):
             gone = st.tombstone(ck)
             if gone is not None:
@@ -237,6 +278,8 @@ class IndicatorPartition:
                 payload[f"{kind}-"] = sorted(st.deleted[kind])
         st.changed = {k: set() for k in tables}
         st.deleted = {k: set() for k in tables}
+        if self.alerts.rules:
+            payload["alerts"] = self.alerts.snapshot()  # small: one entry per (indicator, region)
         return payload
 
     def restore(self, payload: Mapping[str, Any]) -> None:
@@ -249,6 +292,8 @@ class IndicatorPartition:
                 table.pop(key, None)
             table.update(payload.get(kind) or {})
         self.offset = int(payload["offset"])
+        if "alerts" in payload:
+            self.alerts.restore(payload["alerts"])
         st.wm = int(payload.get("wm", 0))
         st.swm = int(payload.get("swm", 0))
         st.emit = set()
@@ -258,7 +303,8 @@ class IndicatorPartition:
             self._rebuild = False
 
 
-def indicator_runners(settings: Settings, common: Mapping[str, Any]) -> list[StreamRunner]:
+def indicator_runners(settings: Settings, common: Mapping[str, Any],
+                      rules: list[IndicatorRule] | None = None) -> list[StreamRunner]:
     """The three runners of the indicator stage (validates the catalogue: a bad file stops the worker)."""
     catalogue = load_catalogue(settings.indicator_catalogue_file)
     prefix = settings.consumer_group_prefix
@@ -276,7 +322,7 @@ def indicator_runners(settings: Settings, common: Mapping[str, Any]) -> list[Str
                          p, source, catalogue, min_persons=settings.indicator_min_persons,
                          lateness_ms=settings.indicator_lateness_s * 1000, sensor_close_ms=sensor_close_ms,
                          entity_retention_ms=settings.indicator_entity_retention_s * 1000,
-                         max_future_ms=settings.max_future_s * 1000),
+                         max_future_ms=settings.max_future_s * 1000, rules=rules),
                      **common),
     ]
     if catalogue.by_source("aggregates"):

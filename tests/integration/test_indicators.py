@@ -73,9 +73,11 @@ def test_live_indicators_equal_hand_computed_and_recompute(stack, spawn_arus):
             producer.send(prefix + "service-events", key=e["entity_id"].encode(), value=orjson.dumps(e))
         for e in events[:7]:  # a redelivery (at-least-once upstream) changes nothing
             producer.send(prefix + "service-events", key=e["entity_id"].encode(), value=orjson.dumps(e))
+        # one partition, in order: the 11:00 window moves the sensor watermark past 08:00, and a window of
+        # another partition read after it would find its hour closed (late) -- a race the test must not run
         for w in windows():
             producer.send(prefix + "aggregates", key=f"kecamatan|{w['key']}|pm25|{w['window_start']}".encode(),
-                          value=orjson.dumps(w))
+                          value=orjson.dumps(w), partition=0)
         producer.flush(30)
     finally:
         producer.close()
@@ -112,6 +114,15 @@ def test_live_indicators_equal_hand_computed_and_recompute(stack, spawn_arus):
     day = datetime.fromisoformat("2026-11-10T00:00:00+07:00")
     air = dict(zip(COLUMNS, got[("udara-jam-pm25-di-atas-baku-mutu", KALIWATES, "day", day)], strict=True))
     assert air["value"] == 1 and not air["suppressed"]
+
+    # the shipped `indicator` alert rule: every off-track, unsuppressed cell of the complaints-SLA
+    # indicator opens one alert (entity indicator@region); Jombang's suppressed cell opens none
+    off_track = {f"{k[0]}@{k[1]}" for k, v in expected.items()
+                 if k[0] == "pengaduan-selesai-dalam-sla" and v["standing"] == "off_track" and not v["suppressed"]}
+    assert {f"pengaduan-selesai-dalam-sla@{KALIWATES}", f"pengaduan-selesai-dalam-sla@{KAB}"} <= off_track
+    wait_until(lambda: {r[0] for r in pg_fetch(dsn, "SELECT entity FROM alerts WHERE rule_id = "
+                                                    "'indicator-complaints-sla' AND state = 'open'")} == off_track,
+               60, interval=0.3, message="one open indicator alert per off-track region")
 
     # the record sink stored the same events in service_events (the other spec of the same topic)
     wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM service_events") == len(events), 60,

@@ -12,6 +12,7 @@ from stream_processors.alerting.rules import (
     DEFAULT_RULES_FILE,
     AbsenceRule,
     AggregateRule,
+    IndicatorRule,
     RateRule,
     RuleError,
     SlaRule,
@@ -36,7 +37,7 @@ def test_the_shipped_default_is_valid_and_covers_every_type():
     rs = load_rules(None)
     assert rs.source == str(DEFAULT_RULES_FILE)
     types = {type(r) for r in rs.rules}
-    assert types == {ThresholdRule, RateRule, AbsenceRule, SlaRule, AggregateRule}
+    assert types == {ThresholdRule, RateRule, AbsenceRule, SlaRule, AggregateRule, IndicatorRule}
     river = rs.get("river-level")
     assert isinstance(river, ThresholdRule) and [lv.severity for lv in river.levels] == ["warning", "major", "critical"]
     pm = rs.get("pm25-ispu")
