@@ -31,6 +31,7 @@ statement timeout.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import re
@@ -231,6 +232,11 @@ def plan(params: dict[str, str], settings: Settings, now: datetime) -> Plan:
     return Plan(metric, region, level, device, lo, hi, bucket, agg, fmt, choose_source(width, agg, requested))
 
 
+@functools.cache
+def _kecamatans_of(kabupaten: str) -> tuple[str, ...]:
+    return tuple(sorted(r.code for r in load_regions().values() if r.parent_code == kabupaten))
+
+
 def build_query(p: Plan) -> tuple[sql.Composed, dict[str, Any]]:
     """The SQL of a plan: fixed text, whitelisted table and expression, bound values only."""
     params: dict[str, Any] = {"metric": p.metric, "lo": p.lo, "hi": p.hi, "width": p.width, "origin": ORIGIN,
@@ -253,10 +259,13 @@ def build_query(p: Plan) -> tuple[sql.Composed, dict[str, Any]]:
         elif p.region_level == "kecamatan":
             conds.append("s.scope = 'kecamatan' AND s.region_code = %(code)s")
         else:  # the kabupaten: every kecamatan, plus devices registered at the kabupaten itself
-            params["code"] = p.region or KABUPATEN_CODE
-            params["prefix"] = f"{params['code']}.%"
-            conds.append("((s.scope = 'kecamatan' AND s.region_code LIKE %(prefix)s)"
-                         " OR (s.scope = 'device' AND s.region_code = %(code)s))")
+            code = p.region or KABUPATEN_CODE
+            params["code"] = code
+            # equality on the 32 codes, not `LIKE '35.09.%'`: the prefix also matches every device row of
+            # every desa, which the (metric, region_code, bucket) index would walk only to discard
+            params["codes"] = [code, *_kecamatans_of(code)]
+            conds.append("s.region_code = ANY(%(codes)s)"
+                         " AND (s.scope = 'kecamatan' OR (s.scope = 'device' AND s.region_code = %(code)s))")
     where = " AND ".join(["s.metric = %(metric)s", f"s.{time_col} >= %(lo)s", f"s.{time_col} < %(hi)s", *conds])
     assert p.source in SOURCES
     text = (f"SELECT date_bin(%(width)s, s.{time_col}, %(origin)s) AS t, {expr} AS value, {n_expr} AS n"
