@@ -512,6 +512,7 @@ def window_state(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
     runtime checkpoints (flush + delta snapshot) every `checkpoint_every` readings (a second's worth at
     the worker's target rate of 20,000 events/s)."""
     from schemas.regions import kecamatan_of
+    from stream_processors import windows as W
     from stream_processors.outputs import Outputs
     from stream_processors.telemetry import TelemetryPartition
     from stream_processors.validation import Reading, TimePolicy
@@ -563,7 +564,7 @@ def window_state(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
     tracemalloc.stop()
     state = current - base
     keys = len(p.devices)
-    times = [len(a) - 6 for a in p.devices.values()]
+    times = [len(W.times_of(a)) for a in p.devices.values()]
     return {
         "devices": n_devices, "readings": folded, "device_window_keys": keys, "region_window_keys": len(p.regions),
         "state_bytes": state, "bytes_per_key": state / keys if keys else None,

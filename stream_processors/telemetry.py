@@ -64,6 +64,19 @@ def _unpack(values: str | list[float]) -> array:
     return state
 
 
+_WINDOW_FORMAT = "w2:"  # device windows in their bytes form (earlier checkpoints: doubles, see _unpack)
+
+
+def _pack_window(state: bytes) -> str:
+    return _WINDOW_FORMAT + b64encode(state).decode("ascii")
+
+
+def _unpack_window(values: str | list[float], start: int) -> bytes:
+    if isinstance(values, str) and values.startswith(_WINDOW_FORMAT):
+        return b64decode(values[len(_WINDOW_FORMAT):])
+    return W.from_doubles(_unpack(values), start)  # written by a worker before the bytes form
+
+
 class TelemetryPartition:
     def __init__(
         self, partition: int, source_topic: str, size_ms: int, lateness_ms: int, policy: TimePolicy,
@@ -77,7 +90,7 @@ class TelemetryPartition:
         self.registry = registry
         self.offset = -1  # last input offset folded into the state
         self.watermark = 0  # highest observation time seen on this partition
-        self.devices: dict[WindowKey, array] = {}
+        self.devices: dict[WindowKey, bytes] = {}  # device windows (windows.py: immutable, compact)
         self.regions: dict[WindowKey, array] = {}
         self._starts: dict[int, int] = {}
         self.region_of: dict[str, str] = {}  # device -> region code, for the aggregate rows
@@ -129,16 +142,19 @@ class TelemetryPartition:
             key = (device, metric, start)
             state = self.devices.get(key)
             if state is None:
-                self.devices[key] = W.initialize(value, t)
-            elif not W.add(state, value, t):
-                continue  # this (device, metric, time) was counted already
+                self.devices[key] = W.initialize(value, t, start)
+            else:
+                state = W.add(state, value, t, start)
+                if state is None:
+                    continue  # this (device, metric, time) was counted already
+                self.devices[key] = state
             fresh[metric] = value
             self.dirty_devices.add(key)
             if kec is not None:
                 rkey = (kec, metric, start)
                 rstate = self.regions.get(rkey)
                 if rstate is None:
-                    self.regions[rkey] = W.initialize(value, t, keep_times=False)
+                    self.regions[rkey] = W.initialize_partial(value, t)
                 else:
                     W.add_unchecked(rstate, value, t)
                 self.dirty_regions.add(rkey)
@@ -192,11 +208,7 @@ class TelemetryPartition:
         now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
         devices = self.devices
         unemitted = self._unemitted
-        for key in self.dirty_devices:
-            state = devices.get(key)
-            if state is not None:
-                devices[key] = array("d", state)  # exact-size copy: appends over-allocate
-                unemitted.add(key)
+        unemitted.update(self.dirty_devices)
         # A window changes at every reading (6 times a minute at a 10 s cadence): its running state
         # goes out every few seconds, not at every checkpoint. Nothing is lost: a window held back
         # here is in the checkpointed state and always goes out, at the latest when it closes.
@@ -208,9 +220,9 @@ class TelemetryPartition:
             unemitted.clear()
             self._last_emit_ms = now
         for key in self.dirty_regions:
-            state = self.regions.get(key)
-            if state is not None:
-                self._emit_partial(key, state, False, out)
+            partial = self.regions.get(key)
+            if partial is not None:
+                self._emit_partial(key, partial, False, out)
         for key in [k for k in self.devices if W.is_closed(k[2], size, lateness, wm)]:
             self._emit_device(key, self.devices.pop(key), True, out)
             unemitted.discard(key)
@@ -223,7 +235,7 @@ class TelemetryPartition:
                 observer.on_flush(now, out)
         self._starts = {s: s for s in self._starts if not W.is_closed(s, size, lateness, wm)}
 
-    def _emit_device(self, key: WindowKey, state: array, final: bool, out: Outputs) -> None:
+    def _emit_device(self, key: WindowKey, state: bytes, final: bool, out: Outputs) -> None:
         device, metric, start = key
         out.emit(topics.AGGREGATES, f"device|{device}|{metric}|{start}", {
             "scope": "device", "key": device, "region": self.region_of.get(device, ""), "metric": metric,
@@ -245,7 +257,7 @@ class TelemetryPartition:
         keys_r = self.regions.keys() if full else self.dirty_regions
         payload = {
             "offset": self.offset, "watermark": self.watermark, "full": full,
-            "w": [[k[0], k[1], k[2], self.region_of.get(k[0], ""), _pack(self.devices[k])]
+            "w": [[k[0], k[1], k[2], self.region_of.get(k[0], ""), _pack_window(self.devices[k])]
                   for k in keys_d if k in self.devices],
             "r": [[k[0], k[1], k[2], _pack(self.regions[k])] for k in keys_r if k in self.regions],
             "h": {name: h.snapshot(full) for name, h in self.handlers.items()},
@@ -259,7 +271,7 @@ class TelemetryPartition:
             self.devices.clear()
             self.regions.clear()
         for device, metric, start, region, values in payload.get("w", ()):
-            self.devices[(device, metric, start)] = _unpack(values)
+            self.devices[(device, metric, start)] = _unpack_window(values, start)
             # its newest state may have been held back (aggregate_interval_ms) when the previous
             # owner stopped: emit every restored window once
             self._unemitted.add((device, metric, start))

@@ -1,47 +1,64 @@
 """Event-time tumbling windows with allowed lateness, as compact mergeable aggregators.
 
-A window's state is one array('d'): [count, min, max, sum, last, last_time, t1, t2, ...] where t* are
-the observation times (epoch ms) already counted. Keeping the times (8 bytes each) de-duplicates by
-(key, metric, time) exactly like the readings table's primary key, so the aggregate of a window always
-equals the SQL aggregate of its stored readings, whatever the redelivery.
+A device window (one per device, metric and window start) is an immutable `bytes`: six little-endian
+doubles [count, min, max, sum, last, last_time] followed by one uint32 per observation time already
+counted, as milliseconds after the window start. Keeping the times de-duplicates by (key, metric, time)
+exactly like the readings table's primary key, so the aggregate of a window always equals the SQL
+aggregate of its stored readings, whatever the redelivery. `bytes` rather than array('d'): one
+allocation of 33 + 48 + 4n bytes instead of an 80-byte object plus 8n-byte times (about 110 instead of
+176 bytes at six readings: the per-key memory bar of issue 10). An update builds a new `bytes`.
+
+A kecamatan partial (times de-duplicated upstream) stays a mutable array('d') of the six header values.
 """
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections.abc import Iterable
 
 COUNT, MIN, MAX, SUM, LAST, LAST_TIME = range(6)
 HEADER = 6
+_HEAD = struct.Struct("<6d")
+_TIME = struct.Struct("<I")
+_HEAD_BYTES = _HEAD.size
 
 
 def window_start(t_ms: int, size_ms: int) -> int:
     return t_ms - (t_ms % size_ms)
 
 
-def initialize(value: float, t_ms: int, keep_times: bool = True) -> array:
-    state = array("d", (1.0, value, value, value, value, float(t_ms)))
-    if keep_times:
-        state.append(float(t_ms))
-    return state
+def initialize(value: float, t_ms: int, start: int) -> bytes:
+    """A device window holding its first reading (`start` is the window start, <= t_ms)."""
+    return _HEAD.pack(1.0, value, value, value, value, float(t_ms)) + _TIME.pack(t_ms - start)
 
 
-def add(state: array, value: float, t_ms: int) -> bool:
-    """Fold one reading into a window that keeps its times; False (and no change) for a duplicate time."""
+def add(state: bytes, value: float, t_ms: int, start: int) -> bytes | None:
+    """The device window with one more reading, or None for a time counted already (a duplicate)."""
+    count, lo, hi, total, last, last_t = _HEAD.unpack_from(state)
     t = float(t_ms)
-    if t > state[LAST_TIME]:
-        state[LAST] = value  # "last" is the value at the highest observation time, not the last received
-        state[LAST_TIME] = t
-    elif t in state[HEADER:]:  # out of order: check it is not a reading we already counted
-        return False
-    state.append(t)
-    state[COUNT] += 1.0
-    if value < state[MIN]:
-        state[MIN] = value
-    if value > state[MAX]:
-        state[MAX] = value
-    state[SUM] += value
-    return True
+    if t > last_t:
+        last, last_t = value, t  # "last" is the value at the highest observation time, not the last received
+    elif t == last_t or (t_ms - start) in times_of(state):
+        return None  # out of order and already counted
+    return _HEAD.pack(count + 1.0, value if value < lo else lo, value if value > hi else hi, total + value,
+                      last, last_t) + state[_HEAD_BYTES:] + _TIME.pack(t_ms - start)
+
+
+def times_of(state: bytes) -> tuple[int, ...]:
+    """The observation times counted in a device window, as ms after its start."""
+    return struct.unpack_from(f"<{(len(state) - _HEAD_BYTES) // 4}I", state, _HEAD_BYTES)
+
+
+def from_doubles(values: Iterable[float], start: int) -> bytes:
+    """A device window from the earlier array('d') form [header..., absolute times...] (old checkpoints)."""
+    v = list(values)
+    return _HEAD.pack(*v[:HEADER]) + b"".join(_TIME.pack(int(t) - start) for t in v[HEADER:])
+
+
+def initialize_partial(value: float, t_ms: int) -> array:
+    """A kecamatan partial holding its first reading."""
+    return array("d", (1.0, value, value, value, value, float(t_ms)))
 
 
 def add_unchecked(state: array, value: float, t_ms: int) -> None:
@@ -75,16 +92,17 @@ def merge(states: Iterable[array]) -> array | None:
     return out
 
 
-def result(state: array) -> dict[str, float | int]:
-    count = int(state[COUNT])
+def result(state: bytes | array) -> dict[str, float | int]:
+    count, lo, hi, total, last, last_t = _HEAD.unpack_from(state) if isinstance(state, bytes) else state[:HEADER]
+    n = int(count)
     return {
-        "count": count,
-        "min": state[MIN],
-        "max": state[MAX],
-        "sum": state[SUM],
-        "mean": state[SUM] / count if count else 0.0,
-        "last": state[LAST],
-        "last_time": int(state[LAST_TIME]),
+        "count": n,
+        "min": lo,
+        "max": hi,
+        "sum": total,
+        "mean": total / n if n else 0.0,
+        "last": last,
+        "last_time": int(last_t),
     }
 
 

@@ -12,12 +12,29 @@ def test_window_start_aligns_to_size():
 
 
 def test_add_counts_once_per_time_and_keeps_latest_by_observation_time():
-    s = W.initialize(2.0, 1_000)
-    assert W.add(s, 5.0, 3_000)
-    assert W.add(s, 1.0, 2_000)  # out of order: counted, but not "last"
-    assert not W.add(s, 9.0, 2_000)  # same time again: a duplicate
+    start = 60_000
+    s = W.initialize(2.0, 61_000, start)
+    s = W.add(s, 5.0, 63_000, start)
+    assert s is not None
+    s = W.add(s, 1.0, 62_000, start)  # out of order: counted, but not "last"
+    assert s is not None
+    assert W.add(s, 9.0, 62_000, start) is None  # same time again: a duplicate
+    assert W.add(s, 9.0, 63_000, start) is None  # the latest time again
+    assert W.add(s, 9.0, 61_000, start) is None  # the first time again
     r = W.result(s)
-    assert r == {"count": 3, "min": 1.0, "max": 5.0, "sum": 8.0, "mean": 8.0 / 3, "last": 5.0, "last_time": 3000}
+    assert r == {"count": 3, "min": 1.0, "max": 5.0, "sum": 8.0, "mean": 8.0 / 3, "last": 5.0, "last_time": 63_000}
+    assert sorted(W.times_of(s)) == [1_000, 2_000, 3_000]
+    assert len(s) == 48 + 3 * 4  # six doubles and a uint32 per time
+
+
+def test_the_earlier_doubles_form_converts_to_the_same_window():
+    start = 120_000
+    old = [3.0, 1.0, 5.0, 8.0, 5.0, 123_000.0, 121_000.0, 123_000.0, 122_000.0]
+    s = W.from_doubles(old, start)
+    assert W.result(s) == {"count": 3, "min": 1.0, "max": 5.0, "sum": 8.0, "mean": 8.0 / 3, "last": 5.0,
+                           "last_time": 123_000}
+    assert W.times_of(s) == (1_000, 3_000, 2_000)
+    assert W.add(s, 7.0, 122_000, start) is None
 
 
 def test_is_closed_respects_lateness():
@@ -30,9 +47,9 @@ def test_window_equals_aggregate_of_distinct_times(readings):
     first_by_time: dict[int, float] = {}
     for t, v in readings:
         first_by_time.setdefault(t, v)
-    s = W.initialize(readings[0][1], readings[0][0])
+    s = W.initialize(readings[0][1], readings[0][0], 0)
     for t, v in readings[1:]:
-        W.add(s, v, t)
+        s = W.add(s, v, t, 0) or s
     r = W.result(s)
     values = list(first_by_time.values())
     assert r["count"] == len(first_by_time)
@@ -46,10 +63,10 @@ def test_window_equals_aggregate_of_distinct_times(readings):
                 min_size=1, max_size=5))
 def test_merge_of_partials_equals_single_aggregate(parts):
     partials = []
-    everything = W.initialize(parts[0][0][1], parts[0][0][0], keep_times=False)
+    everything = W.initialize_partial(parts[0][0][1], parts[0][0][0])
     first = True
     for part in parts:
-        p = W.initialize(part[0][1], part[0][0], keep_times=False)
+        p = W.initialize_partial(part[0][1], part[0][0])
         for t, v in part[1:]:
             W.add_unchecked(p, v, t)
         partials.append(p)
