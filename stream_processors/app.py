@@ -51,6 +51,7 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
     )
     def _ingest_partition(p: int) -> TelemetryPartition:
         part = TelemetryPartition(p, ingest, size_ms, settings.allowed_lateness_s * 1000, policy, lambda: registry)
+        part.refresh_registry = registry.refresh_if_older_than
         part.aggregate_interval_ms = settings.aggregate_emit_interval_ms
         status = DeviceStatusHandler(p, ingest, lambda: registry, settings.device_silence_factor)
         part.handlers[STATUS_TYPE] = status

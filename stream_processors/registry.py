@@ -22,6 +22,7 @@ class DeviceRegistry(Mapping[str, Device]):
         self.devices: dict[str, Device] = {}
         self._conn: psycopg.Connection[Any] | None = None
         self._loaded_at = 0.0
+        self._loaded_wall_ms = 0  # wall clock when the snapshot's query started
 
     def refresh(self) -> None:
         if self.dsn is None:
@@ -29,7 +30,9 @@ class DeviceRegistry(Mapping[str, Device]):
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            started = time.time_ns() // 1_000_000
             self.devices = registry_snapshot(self._conn)
+            self._loaded_wall_ms = started
         except psycopg.Error as exc:  # keep serving the last snapshot; try again later
             log.warning("device registry refresh failed: %s", exc)
             self._conn = None
@@ -38,6 +41,15 @@ class DeviceRegistry(Mapping[str, Device]):
     def maybe_refresh(self) -> None:
         if time.monotonic() - self._loaded_at >= self.refresh_s:
             self.refresh()
+
+    def refresh_if_older_than(self, received_ms: int) -> bool:
+        """For an unknown device: refresh when the snapshot predates the gateway's receipt of the message
+        (the device may have been registered just before it sent), whatever the miss rate limit; True if
+        that refresh happened. A snapshot newer than the receipt already answered: the device is unknown."""
+        if self.dsn is None or self._loaded_wall_ms >= received_ms:
+            return False
+        self.refresh()
+        return True
 
     def __getitem__(self, device_id: str) -> Device:
         device = self.devices.get(device_id)

@@ -102,6 +102,9 @@ class TelemetryPartition:
         # other event types on the same topic, by exact type or by type prefix ending in "."
         self.handlers: dict[str, EnvelopeHandler] = {}
         self.observers: list[ReadingObserver] = []
+        # registry.refresh_if_older_than: a device registered a moment before its first reading was
+        # received must not be refused because the snapshot was refreshed (rate-limited) just before
+        self.refresh_registry: Callable[[int], bool] | None = None
 
     # -- hot path -------------------------------------------------------------------------------
     def process(self, raw: bytes, offset: int, now_ms: int, out: Outputs) -> None:
@@ -117,6 +120,9 @@ class TelemetryPartition:
                 handler.handle(env, raw, offset, now_ms, out)
                 return
         result, bad_values = validate_telemetry(env, self.registry(), now_ms, self.policy)
+        if (isinstance(result, Rejected) and result.reason == reasons.UNKNOWN_DEVICE and self.refresh_registry
+                and isinstance(received := env.get("arusreceived"), int) and self.refresh_registry(received)):
+            result, bad_values = validate_telemetry(env, self.registry(), now_ms, self.policy)
         device_id = env.get("subject") if isinstance(env, dict) else None
         for rejected in bad_values:
             self._reject(rejected, raw, offset, now_ms, out, device_id)

@@ -244,3 +244,33 @@ def test_a_held_back_window_state_goes_out_after_a_restore():
     q.restore(checkpoint)
     q.flush(out2, 1_001_500)
     assert [(a["count"], a["sum"]) for a in records(out2, "aggregates")] == [(2, 4.0)]
+
+
+def test_a_device_registered_after_the_last_registry_snapshot_is_looked_up_again():
+    """The registry refreshes on a miss at most every 0.25 s; a reading received after the snapshot was
+    taken gets one more lookup (refresh_if_older_than) before it is refused as unknown."""
+    registry: dict[str, Dev] = dict(REG)
+    snapshot_ms = [NOW - 100]
+    asked: list[int] = []
+
+    def refresh_if_older_than(received_ms: int) -> bool:
+        asked.append(received_ms)
+        if snapshot_ms[0] >= received_ms:
+            return False
+        registry["late-added"] = Dev("late-added", "water_level", "35.09.01.2001")  # what the database now holds
+        snapshot_ms[0] = received_ms + 1
+        return True
+
+    p, out = TelemetryPartition(0, "jember.ingest", 60_000, 120_000, POLICY, lambda: registry), Outputs()
+    p.refresh_registry = refresh_if_older_than
+
+    def env(device, received):
+        e = orjson.loads(raw(device, T0, 1.0))
+        e["arusreceived"] = received
+        return orjson.dumps(e)
+
+    p.process(env("never-added", NOW - 200), 0, NOW, out)  # received before the snapshot: unknown at once
+    p.process(env("late-added", NOW), 1, NOW, out)  # received after it: looked up again, accepted
+    assert asked == [NOW - 200, NOW]
+    assert [r["device_id"] for r in records(out, "telemetry")] == ["late-added"]
+    assert [d["reason"] for d in records(out, "dlq")] == [reasons.UNKNOWN_DEVICE]
