@@ -56,4 +56,6 @@ def convert(msg: Mapping[str, Any]) -> list[Write]:
     return writes
 
 
-SPECS = [TableSpec(topic=topics.DEVICE_STATUS, convert=convert, name="devices.status")]
+# devices rows are also updated by the hot sink (last_seen): lock them in device_id order
+SPECS = [TableSpec(topic=topics.DEVICE_STATUS, convert=convert, name="devices.status",
+                   lock_key=lambda msg: str(msg.get("device_id")))]

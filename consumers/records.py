@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -50,6 +50,10 @@ class TableSpec:
     topic: str  # topic suffix, e.g. "device-status"
     convert: Callable[[dict[str, Any]], Sequence[Write]]  # may raise BadRecord
     name: str = ""
+    # For writes that lock rows the hot sink also updates (devices): the row's key. Such writes go
+    # last in a flush, sorted by it (stable), as the hot sink locks its device rows in key order: two
+    # transactions taking the same rows in one order wait for each other but never deadlock.
+    lock_key: Callable[[dict[str, Any]], str] | None = None
 
 
 def _specs() -> list[TableSpec]:
@@ -57,6 +61,17 @@ def _specs() -> list[TableSpec]:
     from . import record_specs
 
     return record_specs.all_specs()
+
+
+T = TypeVar("T")
+
+
+def in_lock_order(keyed: Sequence[tuple[str | None, T]]) -> list[T]:
+    """Entries without a lock key first, in arrival order; then the keyed ones sorted by key (stable:
+    the writes of one row keep their order)."""
+    plain = [entry for key, entry in keyed if key is None]
+    locking = sorted(((key, entry) for key, entry in keyed if key is not None), key=lambda item: item[0])
+    return plain + [entry for _, entry in locking]
 
 
 async def write_records(conn: psycopg.AsyncConnection[Any], writes: Sequence[Write]) -> None:
@@ -114,15 +129,19 @@ class RecordSink:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
 
-    def _convert(self, topic: str, partition: int, msg: Any) -> list[Write] | Rejected:
+    def _convert(self, topic: str, partition: int, msg: Any) -> tuple[list[Write], str | None] | Rejected:
+        """The message's writes, and its lock key when a spec of the topic has one."""
         try:
             obj = orjson.loads(msg.value) if msg.value is not None else None
             if not isinstance(obj, dict):
                 raise BadRecord("not a JSON object")
             writes: list[Write] = []
+            key: str | None = None
             for spec in self.by_topic[topic]:
                 writes.extend(spec.convert(obj))
-            return writes
+                if spec.lock_key is not None:
+                    key = spec.lock_key(obj)
+            return writes, key
         except (orjson.JSONDecodeError, BadRecord, KeyError, TypeError, ValueError) as exc:
             return Rejected(PROCESSING_ERROR, f"{topic} message not storable: {exc}")
 
@@ -141,15 +160,18 @@ class RecordSink:
         return self._conn
 
     async def _flush(self, data: dict[TopicPartition, list[Any]]) -> None:
-        per_msg: list[tuple[list[Write], str, int, Any]] = []
+        keyed: list[tuple[str | None, tuple[list[Write], str, int, Any]]] = []
         for tp, msgs in data.items():
             for msg in msgs:
                 converted = self._convert(tp.topic, tp.partition, msg)
                 if isinstance(converted, Rejected):
                     self.metrics.poison.labels(tp.topic).inc()
-                    converted = [self._dead(converted, tp.topic, tp.partition, msg)]
-                per_msg.append((converted, tp.topic, tp.partition, msg))
+                    keyed.append((None, ([self._dead(converted, tp.topic, tp.partition, msg)], tp.topic,
+                                         tp.partition, msg)))
+                else:
+                    keyed.append((converted[1], (converted[0], tp.topic, tp.partition, msg)))
                 self.metrics.messages.labels(tp.topic).inc()
+        per_msg = in_lock_order(keyed)
         attempt = 0
         while True:
             try:

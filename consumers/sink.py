@@ -139,6 +139,9 @@ async def _copy_rows(cur: psycopg.AsyncCursor[Any], table: str, rows: Sequence[t
 # INSERT ... SELECT ... ON CONFLICT from staging.
 COPY_READINGS = sql.SQL("COPY readings ({}) FROM STDIN (FORMAT BINARY)").format(_R_COLS)
 # greatest(): replays and late data carry older times and must not move last_seen back.
+# The device rows are locked first, in device_id order (an UPDATE ... FROM locks in its join's order):
+# the record sink updates the same rows (status) in that order too, so the two never deadlock.
+LOCK_DEVICES = sql.SQL("SELECT 1 FROM devices WHERE device_id = ANY(%s) ORDER BY device_id FOR NO KEY UPDATE")
 UPDATE_LAST_SEEN_FROM_ARRAYS = sql.SQL(
     "UPDATE devices d SET last_seen = x.t"
     " FROM unnest(%s::text[], %s::timestamptz[]) AS x(device_id, t)"
@@ -245,6 +248,7 @@ async def write_batch(
                 await _copy_rows(cur, "readings", readings)
                 statements.append(INSERT_READINGS)
         if last_seen[0]:
+            await cur.execute(LOCK_DEVICES, (last_seen[0],))
             await cur.execute(UPDATE_LAST_SEEN_FROM_ARRAYS, last_seen)
         if aggregates:
             await _copy_rows(cur, "aggregates", aggregates)

@@ -36,3 +36,14 @@ def test_offline_without_observation_leaves_last_seen_alone():
 def test_malformed_messages_are_bad_records(msg):
     with pytest.raises(BadRecord):
         convert(msg)
+
+
+def test_device_rows_are_written_last_in_device_order_so_two_sinks_never_deadlock():
+    from consumers.records import in_lock_order
+
+    (spec,) = SPECS
+    assert spec.lock_key is not None and spec.lock_key({"device_id": "wl-7"}) == "wl-7"
+    keyed = [("wl-9", "status wl-9 #1"), (None, "alert a"), ("wl-2", "status wl-2"), (None, "alert b"),
+             ("wl-9", "status wl-9 #2")]
+    # unkeyed writes keep arrival order; device rows follow, sorted, one device's writes in their order
+    assert in_lock_order(keyed) == ["alert a", "alert b", "status wl-2", "status wl-9 #1", "status wl-9 #2"]
