@@ -263,6 +263,19 @@ async def write_batch(
     return direct
 
 
+def split_by_device(readings: Sequence[ReadingRow], n: int) -> list[list[ReadingRow]]:
+    """n parts, every device's rows in one part (the parts' transactions touch disjoint keys)."""
+    parts: list[list[ReadingRow]] = [[] for _ in range(n)]
+    slot: dict[str, list[ReadingRow]] = {}
+    for row in readings:
+        device = row[1]
+        part = slot.get(device)
+        if part is None:
+            part = slot[device] = parts[len(slot) % n]
+        part.append(row)
+    return parts
+
+
 RAW_SCRATCH = "sink_raw_scratch"
 
 
@@ -338,6 +351,7 @@ class Sink:
         self.stopping = asyncio.Event()
         self._lock = asyncio.Lock()
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._copy_conns: list[psycopg.AsyncConnection[Any] | None] = [None] * (settings.sink_copy_connections - 1)
         self._consumer: AIOKafkaConsumer | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._reset()
@@ -402,9 +416,10 @@ class Sink:
                     await self._inflight
             with contextlib.suppress(Exception):
                 await consumer.stop()
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    await self._conn.close()
+            for conn in [self._conn, *self._copy_conns]:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         # Fetches are small (_CHUNK messages) so that the flush in flight, which only waits on
@@ -495,6 +510,34 @@ class Sink:
             self._conn = await aconnect(self.dsn, autocommit=True)
         return self._conn
 
+    async def _copy_connection(self, i: int) -> psycopg.AsyncConnection[Any]:
+        conn = self._copy_conns[i]
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            conn = self._copy_conns[i] = await aconnect(self.dsn, autocommit=True)
+        return conn
+
+    async def _write_parallel(self, batch: Batch, seen: tuple[list[str], list[Any]]) -> bool:
+        """One flush's rows; a large flush's readings split by device over the extra connections, COPYed
+        at once. Each part is its own transaction and all are committed before the offsets are: when
+        one fails after another committed, the retry of the whole batch meets the committed rows and
+        takes the idempotent staged upsert for them."""
+        readings = batch.readings
+        # a small flush on one connection: a second one's round trips would cost more than they save
+        parallel = self._copy_conns and len(readings) >= self.settings.sink_copy_parallel_min_rows
+        parts = split_by_device(readings, len(self._copy_conns) + 1) if parallel else [readings]
+        conn = await self._connection()
+        jobs = [write_batch(conn, parts[0], batch.aggregate_rows(), batch.dead_letters, seen)]
+        for i, part in enumerate(parts[1:]):
+            jobs.append(write_batch(await self._copy_connection(i), part, (), (), ([], [])))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return all(results)
+
     async def _backoff(self, attempt: int) -> None:
         delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2)  # noqa: S311 - jitter only
         with contextlib.suppress(TimeoutError):
@@ -507,8 +550,7 @@ class Sink:
         seen = self.last_seen.take(time.monotonic(), everything=self.stopping.is_set())
         while True:
             try:
-                conn = await self._connection()
-                if not await write_batch(conn, batch.readings, batch.aggregate_rows(), batch.dead_letters, seen):
+                if not await self._write_parallel(batch, seen):
                     self.metrics.errors.labels("replay_upsert").inc()
             except Exception as exc:  # noqa: BLE001 - classify every failure; never crash the loop
                 if is_data_error(exc):

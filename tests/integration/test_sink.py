@@ -147,7 +147,9 @@ def test_rows_land_replay_changes_nothing_poison_is_dead_lettered(
         pg_fetch(db, "INSERT INTO devices (device_id, kind, region_code) VALUES (%s, 'water_level', '35.09.01')",
                  (d,))
     metrics_port = embedded.free_port()
-    env = sink_env(ARUS_SINK_METRICS_PORT=str(metrics_port))
+    # every flush over three connections: the replay below meets rows committed by all of them
+    env = sink_env(ARUS_SINK_METRICS_PORT=str(metrics_port), ARUS_SINK_COPY_CONNECTIONS="3",
+                   ARUS_SINK_COPY_PARALLEL_MIN_ROWS="100")
 
     n_readings = 2000
     first: list[Message] = []

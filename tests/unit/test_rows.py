@@ -350,3 +350,17 @@ def test_last_seen_throttle_writes_each_device_at_most_once_per_interval_with_it
     assert th.take(106.5) == (["b"], [t0 + timedelta(seconds=9)])
     th.add([row("c", 1)])
     assert th.take(106.6, everything=True) == (["c"], [t0 + timedelta(seconds=1)])
+
+
+def test_a_flush_splits_by_device_so_parallel_copies_touch_disjoint_keys():
+    from consumers.sink import split_by_device
+
+    rows = [(t, f"d{t % 5}", "waterLevel", float(t)) for t in range(50)]
+    parts = split_by_device(rows, 2)  # type: ignore[arg-type]
+    assert sorted(r for p in parts for r in p) == sorted(rows)  # nothing lost or doubled
+    assert all(parts)
+    devices = [{r[1] for r in p} for p in parts]
+    assert not devices[0] & devices[1]
+    for p in parts:  # each device's rows keep their order
+        for d in {r[1] for r in p}:
+            assert [r[0] for r in p if r[1] == d] == [r[0] for r in rows if r[1] == d]
