@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -111,3 +112,13 @@ def wait_pipeline_ready(dsn: str, mqtt_url: str, timeout: float = 90) -> None:
         return bool(pg_scalar(dsn, "SELECT count(*) FROM dead_letters WHERE device_id = %s", [probe]))
 
     wait_until(probed, timeout, interval=0.5, message="pipeline answers a probe")
+
+
+@dataclass
+class Dev:
+    """A registry entry for unit tests (the fields validation and the stream read)."""
+
+    device_id: str
+    kind: str
+    region_code: str
+    revoked: bool = False

@@ -3,7 +3,6 @@ AlertHandler plugged in as the worker does, timers driven by the checkpoint cloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import orjson
@@ -18,6 +17,7 @@ from stream_processors.outputs import Outputs
 from stream_processors.region_merge import RegionMergePartition
 from stream_processors.telemetry import TelemetryPartition
 from stream_processors.validation import TimePolicy
+from tests.helpers import Dev
 
 T0 = 1_790_000_040_000
 MIN = 60_000
@@ -38,14 +38,6 @@ RULES = {
          "levels": [{"severity": "warning", "above": 55.4, "clear_below": 45}]},
     ],
 }
-
-
-@dataclass
-class Dev:
-    device_id: str
-    kind: str
-    region_code: str
-    revoked: bool = False
 
 
 REG = {

@@ -1,6 +1,5 @@
 """Device status in the stream: transitions from status messages, readings and silence; checkpoints."""
 
-from dataclasses import dataclass
 
 import orjson
 
@@ -9,18 +8,11 @@ from stream_processors.device_status import DeviceStatusHandler
 from stream_processors.outputs import Outputs
 from stream_processors.telemetry import TelemetryPartition
 from stream_processors.validation import TimePolicy
+from tests.helpers import Dev
 
 T0 = 1_790_000_040_000
 POLICY = TimePolicy(max_age_ms=10**12, max_future_ms=10**12)
 TOL = 3 * 120_000  # water_level: expected every 120 s, factor 3
-
-
-@dataclass
-class Dev:
-    device_id: str
-    kind: str
-    region_code: str
-    revoked: bool = False
 
 
 REG = {"wl": Dev("wl", "water_level", "35.09.19.1001"), "bin": Dev("bin", "waste_container", "35.09.19.1001")}

@@ -1,7 +1,6 @@
 """The hot path without Kafka: windows, duplicates, lateness, and state that survives a crash."""
 
 import random
-from dataclasses import dataclass
 
 import orjson
 from hypothesis import given, settings
@@ -13,18 +12,11 @@ from stream_processors.outputs import Outputs
 from stream_processors.region_merge import RegionMergePartition
 from stream_processors.telemetry import TelemetryPartition
 from stream_processors.validation import TimePolicy
+from tests.helpers import Dev
 
 T0 = 1_790_000_040_000  # a window boundary (divisible by 60 000)
 NOW = T0 + 3_600_000
 POLICY = TimePolicy(max_age_ms=10**12, max_future_ms=10**12)
-
-
-@dataclass
-class Dev:
-    device_id: str
-    kind: str
-    region_code: str
-    revoked: bool = False
 
 
 REG = {f"d{i}": Dev(f"d{i}", "water_level", f"35.09.{(i % 3) + 1:02d}.2001") for i in range(6)}

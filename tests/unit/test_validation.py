@@ -1,20 +1,12 @@
-from dataclasses import dataclass
 
 from schemas import reasons
 from schemas.envelope import TELEMETRY_TYPE
 from schemas.results import Ok, Rejected
 from stream_processors.validation import TimePolicy, validate_telemetry
+from tests.helpers import Dev
 
 NOW = 1_790_000_000_000
 POLICY = TimePolicy(max_age_ms=7 * 86_400_000, max_future_ms=300_000)
-
-
-@dataclass
-class Dev:
-    device_id: str
-    kind: str
-    region_code: str
-    revoked: bool = False
 
 
 REGISTRY = {
