@@ -107,7 +107,7 @@ class RecordSink:
             client_id="arus-records", enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=s.sink_session_timeout_ms, heartbeat_interval_ms=s.sink_heartbeat_interval_ms,
             rebalance_timeout_ms=max(10_000, s.sink_session_timeout_ms), metadata_max_age_ms=5_000,
-            fetch_max_wait_ms=int(self.flush_s * 1000),
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # a long-poll bound, not the flush timer
         )
         consumer.subscribe(list(self.by_topic))
         await consumer.start()

@@ -394,7 +394,7 @@ class Sink:
             # Topics created after start (fresh broker) are noticed within seconds.
             metadata_max_age_ms=5_000,
             max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_wait_ms=min(100, s.sink_flush_ms),
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # the broker's long-poll bound (Settings)
         )
         consumer.subscribe(list(self.kinds), listener=_Revocations(self))
         self._consumer = consumer

@@ -47,6 +47,8 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         bootstrap=settings.kafka_bootstrap, topic_name=settings.topic, metrics=metrics,
         batch_max=settings.batch_max, linger_ms=settings.batch_linger_ms,
         checkpoint_interval_ms=settings.checkpoint_interval_ms,
+        full_snapshot_every=settings.checkpoint_full_every,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         session_timeout_ms=settings.worker_session_timeout_ms,
     )
     def _ingest_partition(p: int) -> TelemetryPartition:

@@ -123,8 +123,10 @@ class StreamRunner(ConsumerRebalanceListener):
         topic_name: Callable[[str], str], factory: Callable[[int], PartitionProcessor],
         metrics: WorkerMetrics, batch_max: int = 5000, linger_ms: int = 20,
         checkpoint_interval_ms: int = 1000, full_snapshot_every: int = 300, session_timeout_ms: int = 6000,
+        fetch_max_wait_ms: int = 100,
     ) -> None:
         self.name = name
+        self.fetch_max_wait_ms = fetch_max_wait_ms  # see Settings.kafka_fetch_max_wait_ms
         self.bootstrap = bootstrap
         self.group_id = group_id
         self.source_topic = source_topic
@@ -159,7 +161,7 @@ class StreamRunner(ConsumerRebalanceListener):
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=32 * 1024 * 1024, fetch_max_wait_ms=self.linger_ms,
+            fetch_max_bytes=32 * 1024 * 1024, fetch_max_wait_ms=self.fetch_max_wait_ms,
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=max(100, self.session_timeout_ms // 6),
             rebalance_timeout_ms=max(10000, self.session_timeout_ms),
