@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from infra.db import aconnect
+from infra.fetch_wait import ConsumerFetchWait
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
 from schemas.reasons import PROCESSING_ERROR
@@ -107,14 +108,17 @@ class RecordSink:
             client_id="arus-records", enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=s.sink_session_timeout_ms, heartbeat_interval_ms=s.sink_heartbeat_interval_ms,
             rebalance_timeout_ms=max(10_000, s.sink_session_timeout_ms), metadata_max_age_ms=5_000,
-            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # a long-poll bound, not the flush timer
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # the floor; adapted by ConsumerFetchWait
         )
         consumer.subscribe(list(self.by_topic))
         await consumer.start()
+        fetch_wait = ConsumerFetchWait(consumer, "record sink", s.kafka_fetch_max_wait_ms,
+                                       s.kafka_fetch_max_wait_ceiling_ms)
         log.info("record sink consuming %s", ", ".join(self.by_topic))
         try:
             while not self.stopping.is_set():
                 data = await consumer.getmany(timeout_ms=int(self.flush_s * 1000), max_records=2000)
+                await fetch_wait.after_poll(time.monotonic(), bool(data))
                 if not data:
                     continue
                 await self._flush(data)

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from infra.db import aconnect
+from infra.fetch_wait import ConsumerFetchWait
 from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
 from infra.settings import Settings
@@ -353,6 +354,7 @@ class Sink:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._copy_conns: list[psycopg.AsyncConnection[Any] | None] = [None] * (settings.sink_copy_connections - 1)
         self._consumer: AIOKafkaConsumer | None = None
+        self._fetch_wait: ConsumerFetchWait | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._reset()
 
@@ -394,11 +396,13 @@ class Sink:
             # Topics created after start (fresh broker) are noticed within seconds.
             metadata_max_age_ms=5_000,
             max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # the broker's long-poll bound (Settings)
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,  # the floor; adapted by ConsumerFetchWait
         )
         consumer.subscribe(list(self.kinds), listener=_Revocations(self))
         self._consumer = consumer
         await consumer.start()
+        self._fetch_wait = ConsumerFetchWait(consumer, "sink", s.kafka_fetch_max_wait_ms,
+                                             s.kafka_fetch_max_wait_ceiling_ms)
         log.info("sink consuming %s as group %s-sink", ", ".join(self.kinds), s.consumer_group_prefix)
         try:
             await self._loop(consumer)
@@ -437,6 +441,8 @@ class Sink:
             data = await consumer.getmany(timeout_ms=timeout_ms, max_records=fetch_max)
             for tp, msgs in data.items():
                 self._buffer(consumer, tp, msgs)
+            if self._fetch_wait is not None:
+                await self._fetch_wait.after_poll(time.monotonic(), bool(data))
             if self._since is not None and (
                 len(self._batch) >= self.flush_rows or time.monotonic() - self._since >= self.flush_s
             ):

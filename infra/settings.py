@@ -37,11 +37,12 @@ class Settings(BaseSettings):
     batch_max: int = Field(5000, ge=1)
     batch_linger_ms: int = Field(20, ge=0)
     checkpoint_interval_ms: int = Field(1000, ge=50)
-    # Consumers' fetch long-poll bound. Tansu (the embedded broker) holds an empty fetch this long even
-    # when data arrives meanwhile (latency per hop), and answers nothing when it cannot collect the
-    # records in time, which its growing in-memory partitions make slower: at 20 ms a worker received
-    # nothing after ~4 minutes at 2,000 msg/s. Apache Kafka answers as soon as data arrives.
-    kafka_fetch_max_wait_ms: int = Field(100, ge=1, le=5000)
+    # Consumers' fetch long-poll bound (fetch.max.wait.ms), adapted per consumer between the floor and
+    # the ceiling (infra/fetch_wait.py): Tansu, the embedded broker, holds a fetch this long even when
+    # records arrive meanwhile (latency per hop), and answers nothing when it cannot collect records
+    # in time, which its growing in-memory partitions make slower. A starved consumer doubles its wait.
+    kafka_fetch_max_wait_ms: int = Field(20, ge=1, le=5000)
+    kafka_fetch_max_wait_ceiling_ms: int = Field(1000, ge=1, le=10000)
     # every Nth checkpoint of a partition is a full snapshot (a restore reads from the last one on)
     checkpoint_full_every: int = Field(300, ge=1)
     # A changing 1-minute window's running state goes to jember.aggregates at most this often (its

@@ -49,6 +49,7 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         checkpoint_interval_ms=settings.checkpoint_interval_ms,
         full_snapshot_every=settings.checkpoint_full_every,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        fetch_max_wait_ceiling_ms=settings.kafka_fetch_max_wait_ceiling_ms,
         session_timeout_ms=settings.worker_session_timeout_ms,
     )
     def _ingest_partition(p: int) -> TelemetryPartition:

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
+from infra.fetch_wait import ConsumerFetchWait
 from schemas import reasons, topics
 from schemas.errors import ConfigError
 from schemas.results import Rejected
@@ -123,10 +124,13 @@ class StreamRunner(ConsumerRebalanceListener):
         topic_name: Callable[[str], str], factory: Callable[[int], PartitionProcessor],
         metrics: WorkerMetrics, batch_max: int = 5000, linger_ms: int = 20,
         checkpoint_interval_ms: int = 1000, full_snapshot_every: int = 300, session_timeout_ms: int = 6000,
-        fetch_max_wait_ms: int = 100,
+        fetch_max_wait_ms: int = 20, fetch_max_wait_ceiling_ms: int = 1000,
     ) -> None:
         self.name = name
-        self.fetch_max_wait_ms = fetch_max_wait_ms  # see Settings.kafka_fetch_max_wait_ms
+        # see Settings.kafka_fetch_max_wait_ms and infra/fetch_wait.py
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.fetch_max_wait_ceiling_ms = fetch_max_wait_ceiling_ms
+        self.fetch_wait: ConsumerFetchWait | None = None
         self.bootstrap = bootstrap
         self.group_id = group_id
         self.source_topic = source_topic
@@ -168,6 +172,8 @@ class StreamRunner(ConsumerRebalanceListener):
             max_poll_interval_ms=60000,
         )
         await self.consumer.start()
+        self.fetch_wait = ConsumerFetchWait(self.consumer, self.name, self.fetch_max_wait_ms,
+                                            self.fetch_max_wait_ceiling_ms)
         sources = await self.producer.partitions_for(self.source_topic)
         states = await self.producer.partitions_for(self.state_topic)
         if len(states) < len(sources):
@@ -180,13 +186,14 @@ class StreamRunner(ConsumerRebalanceListener):
 
     async def run(self) -> None:
         await self.start()
-        assert self.consumer is not None and self.batch_producer is not None
+        assert self.consumer is not None and self.batch_producer is not None and self.fetch_wait is not None
         last_checkpoint = time.monotonic()
         try:
             while not self.stopping.is_set():
                 data = await self.consumer.getmany(timeout_ms=self.linger_ms, max_records=self.batch_max)
                 if data:
                     await self._process(data)
+                await self.fetch_wait.after_poll(time.monotonic(), bool(data))
                 if self.out.records:
                     await self._send_outputs()
                 if time.monotonic() - last_checkpoint >= self.checkpoint_interval:
