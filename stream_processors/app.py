@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
+from infra.memory import fix_mmap_threshold
 from infra.privacy import pii_key_bytes
 from infra.settings import Settings
 from infra.topics import all_topics
@@ -171,5 +172,6 @@ def create_app(settings: Settings, prom: CollectorRegistry | None = None) -> fau
 
 
 def run_worker(settings: Settings) -> None:
+    fix_mmap_threshold()  # snapshot bursts must not ratchet RSS up (infra/memory.py)
     app = create_app(settings)
     faust.Worker(app, loglevel="info", quiet=True).execute_from_commandline()

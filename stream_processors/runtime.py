@@ -116,6 +116,20 @@ class BatchProducer:
             await asyncio.gather(*pending)
 
 
+def checkpoint_kind(count: int, full_every: int, partition: int) -> tuple[bool, int]:
+    """(is this checkpoint a full snapshot, the count to keep) from checkpoints since the last full one.
+
+    The first checkpoint after an assignment (count 0) is full. Partitions then start their cycle at
+    different points (a quarter apart) so that their full snapshots, each a burst of memory and of
+    state-topic bytes, do not all fall on the same checkpoint.
+    """
+    if count == 0:
+        return True, 1 + (partition % 4) * full_every // 4
+    if count >= full_every:
+        return True, 1
+    return False, count + 1
+
+
 class StreamRunner(ConsumerRebalanceListener):
     """Runs one kind of PartitionProcessor over one source topic in a consumer group."""
 
@@ -266,9 +280,7 @@ class StreamRunner(ConsumerRebalanceListener):
             proc = self.procs[p]
             if proc.offset < 0 or self.committed.get(p) == proc.offset + 1:
                 continue
-            count = self.checkpoints.get(p, 0)
-            full = count == 0 or count >= self.full_snapshot_every
-            self.checkpoints[p] = 1 if full else count + 1
+            full, self.checkpoints[p] = checkpoint_kind(self.checkpoints.get(p, 0), self.full_snapshot_every, p)
             await self._write_state(p, proc.snapshot(full))
             commits[TopicPartition(self.source_topic, p)] = proc.offset + 1
         await self.batch_producer.wait_delivered()

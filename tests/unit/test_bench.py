@@ -238,3 +238,17 @@ def test_soak_is_opt_in_and_has_its_own_command() -> None:
     assert "soak" not in parse_args([]).stages
     args = parse_args(["--only", "soak", "--minutes", "2"])
     assert args.stages == ["soak"] and sizes_from(args).soak_minutes == 2.0
+
+
+def test_soak_warm_up_waits_for_the_windows_to_fill_when_the_run_is_long_enough() -> None:
+    from bench.stages import soak_summary
+
+    # windows fill for 660 s (growing 4 MB/min), then RSS is flat
+    timeline = [{"t": float(t), "worker_rss_mb": 100.0 + min(t, 660) / 15}
+                for t in range(0, 1800, 5)]
+    long = soak_summary(timeline, ["worker"], fill_s=660)
+    assert long["worker"]["warmup_s"] == 660 and long["worker"]["filled"] is True
+    assert long["worker"]["flat"] is True
+    short = soak_summary([p for p in timeline if p["t"] < 900], ["worker"], fill_s=660)
+    assert short["worker"]["filled"] is False  # 15 minutes < twice the fill time: the quarter is used
+    assert short["worker"]["warmup_s"] < 660
