@@ -161,7 +161,7 @@ class IndicatorAlerts:
             if not rule.matches(ind, region, period):
                 continue
             if rule.breached(result.get("standing")):
-                self.book.trigger(rule, entity, rule.severity, value, t, (None, region, kec, ind), None, out)
+                self.book.trigger(rule, entity, rule.severity, value, t, ("indicator", region, kec, ind), None, out)
             else:
                 self.book.clear(rule, entity, t, value, None, out)
 

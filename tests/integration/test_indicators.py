@@ -123,6 +123,9 @@ def test_live_indicators_equal_hand_computed_and_recompute(stack, spawn_arus):
     wait_until(lambda: {r[0] for r in pg_fetch(dsn, "SELECT entity FROM alerts WHERE rule_id = "
                                                     "'indicator-complaints-sla' AND state = 'open'")} == off_track,
                60, interval=0.3, message="one open indicator alert per off-track region")
+    # the console's kind filter can pick them out
+    assert {r[0] for r in pg_fetch(dsn, "SELECT DISTINCT kind FROM alerts WHERE rule_id = "
+                                        "'indicator-complaints-sla'")} == {"indicator"}
 
     # the record sink stored the same events in service_events (the other spec of the same topic)
     wait_until(lambda: pg_scalar(dsn, "SELECT count(*) FROM service_events") == len(events), 60,
