@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,10 @@ class ConsumerFetchWait:
         self.policy = FetchWait(floor_ms, max(floor_ms, ceiling_ms))
         self._applied = floor_ms
 
-    async def after_poll(self, now: float, got_records: bool, partitions: Iterable[Any] | None = None) -> None:
+    async def after_poll(self, now: float, got_records: bool) -> None:
         behind = False
         if not got_records and self.policy.wait_ms < self.policy.ceiling_ms:
-            behind = await self._behind(partitions)
+            behind = await self._behind()
         wait = self.policy.observe(now, got_records=got_records, behind=behind)
         if wait != self._applied:
             # aiokafka builds each FetchRequest from this attribute (0.10-0.14); the constructor
@@ -80,9 +79,9 @@ class ConsumerFetchWait:
                          "starved by the broker" if wait > self._applied else "no starvation lately")
                 self._applied = wait
 
-    async def _behind(self, partitions: Iterable[Any] | None) -> bool:
+    async def _behind(self) -> bool:
         """True when the broker's last answer reports records past our position on some partition."""
-        for tp in partitions if partitions is not None else self.consumer.assignment():
+        for tp in self.consumer.assignment():
             try:
                 high = self.consumer.highwater(tp)
                 if high is None:
