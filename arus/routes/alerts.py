@@ -248,6 +248,7 @@ class AlertHub:
         self._pending: asyncio.Queue[int] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_event: Callable[[], None] = lambda: None
+        self.fetch = fetch_events  # module function, replaceable in unit tests
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="alert-hub-listen"),
@@ -315,16 +316,30 @@ class AlertHub:
 
     async def _writers_in_flight(self) -> bool:
         """Some other transaction has inserted into alert_events and not finished (it holds the
-        table's RowExclusiveLock until commit or rollback)."""
+        table's RowExclusiveLock until commit or rollback). When the check itself fails the answer
+        is yes: the caller's hold-back deadline bounds the wait."""
         try:
             async with self.pool.connection(timeout=2) as conn:
                 cur = await conn.execute(
                     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'alert_events'::regclass"
                     " AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid())")
                 row = await cur.fetchone()
-        except (psycopg.Error, PoolTimeout):
-            return False
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.debug("alert stream: in-flight check failed (%s)", exc)
+            return True
         return bool(row and row[0])
+
+    async def _committed(self, seqs: set[int]) -> set[int]:
+        """Which of these seqs are visible now. Asked after `_writers_in_flight` said no: PostgreSQL
+        makes a commit visible before it releases the writer's locks, so a seq committed by then is
+        seen here even when its notification has not been read from the LISTEN connection yet."""
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                cur = await conn.execute("SELECT seq FROM alert_events WHERE seq = ANY(%s)", (sorted(seqs),))
+                return {int(r[0]) for r in await cur.fetchall()}
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.debug("alert stream: visibility check failed (%s)", exc)
+            return set()
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -335,14 +350,19 @@ class AlertHub:
             # sink, an operator's command) can commit out of seq order. While a lower seq is missing
             # and another writer is still in a transaction on alert_events, hold the batch briefly
             # so clients see seq order (their Last-Event-ID then never skips a late commit). A hole
-            # with no writer in flight is permanent (rollback, ON CONFLICT DO NOTHING): no wait.
+            # with no writer in flight is either committed already (its lock goes after the commit
+            # is visible; its notification may not have been read yet: take it from the table) or
+            # permanent (rollback, ON CONFLICT DO NOTHING): no further wait.
             deadline = loop.time() + HOLD_BACK_S
             while True:
                 top = max(batch)
                 if top - self.high > 10_000:
                     break
                 holes = set(range(self.high + 1, top)) - batch - self._recent_set
-                if not holes or loop.time() > deadline or not await self._writers_in_flight():
+                if not holes or loop.time() > deadline:
+                    break
+                if not await self._writers_in_flight():
+                    batch |= await self._committed(holes)
                     break
                 await asyncio.sleep(0.005)
                 self._drain(batch)
@@ -351,7 +371,7 @@ class AlertHub:
                 continue
             for attempt in range(20):
                 try:
-                    rows = await fetch_events(self.pool, "e.seq = ANY(%s)", [seqs])
+                    rows = await self.fetch(self.pool, "e.seq = ANY(%s)", [seqs])
                     break
                 except (psycopg.Error, PoolTimeout) as exc:
                     log.warning("alert stream: cannot read events %s (%s)", seqs[:5], exc)
