@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from infra.health import serve_health
 from infra.kafka_admin import ensure_topics
-from infra.memory import fix_mmap_threshold
+from infra.memory import fix_mmap_threshold, trim_heap
 from infra.privacy import pii_key_bytes
 from infra.settings import Settings
 from infra.topics import all_topics
@@ -72,8 +72,9 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
         return part
 
     def _merge_partition(p: int) -> RegionMergePartition:
-        merge = RegionMergePartition(p, partials, size_ms,
-                                     settings.allowed_lateness_s * 1000 + settings.region_retention_s * 1000)
+        lateness_ms = settings.allowed_lateness_s * 1000
+        merge = RegionMergePartition(p, partials, size_ms, lateness_ms + settings.region_retention_s * 1000,
+                                     lateness_ms=lateness_ms)
         region_alerts = RegionAlerts(rules, size_ms)  # aggregate rules over the kecamatan windows
         if region_alerts.active:
             merge.alerts = region_alerts
@@ -104,6 +105,18 @@ async def _refresh_loop(registry: DeviceRegistry, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=registry.refresh_s)
 
 
+TRIM_EVERY_S = 10.0
+
+
+async def _trim_loop(stop: asyncio.Event) -> None:
+    """Free heap pages back to the OS every few seconds: snapshot and fetch bursts leave the glibc
+    heap mostly free but fragmented, and RSS would keep that high-water mark (infra/memory.py)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=TRIM_EVERY_S)
+        trim_heap()
+
+
 class StreamHost(mode.Service):
     """The processors as a service of the Faust app: Faust runs the worker's lifecycle (signals,
     graceful stop, crash handling) while the hot path consumes in batches through its own runtime
@@ -132,6 +145,7 @@ class StreamHost(mode.Service):
         if settings.worker_metrics_port:
             serve_health(settings.worker_metrics_port, self.prom, "worker", self._readiness)
         self.tasks.append(asyncio.create_task(_refresh_loop(registry, self.stop_event)))
+        self.tasks.append(asyncio.create_task(_trim_loop(self.stop_event)))
         for task in self.tasks:
             task.add_done_callback(self._on_task_done)
         log.info("worker started: %s", ", ".join(r.source_topic for r in self.runners))

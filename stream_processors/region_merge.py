@@ -2,6 +2,15 @@
 
 Input records are keyed by kecamatan|metric|window and carry the full partial state of one source
 partition, so applying one twice is harmless (replace, then merge).
+
+A merged window is kept until every source partition seen here has closed it (each source's own
+watermark, carried by its partials, passed the window's end + allowed lateness: no partial can come
+any more), or at most `retention_ms` past the newest watermark, so that one silent or lagging source
+cannot hold state forever. Keeping every window for the whole retention (an hour) made the worker's
+memory grow for 70 minutes of a soak. A source stamps all partials of one flush with the same
+watermark, and a window's last partial may follow other partials of that flush: only once a partial
+with a higher watermark arrives is that flush complete, so the source's *previous* watermark is the
+one that closes windows here.
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ MergeKey = tuple[str, str, int]
 
 
 class RegionMergePartition:
-    def __init__(self, partition: int, source_topic: str, size_ms: int, retention_ms: int) -> None:
+    def __init__(self, partition: int, source_topic: str, size_ms: int, retention_ms: int,
+                 lateness_ms: int | None = None) -> None:
         self.partition = partition
         self.source_topic = source_topic
         self.size_ms = size_ms
-        self.retention_ms = retention_ms  # keep merged windows this long past their end (sources may lag)
+        self.retention_ms = retention_ms  # at most this long past their end (a source may lag or fall silent)
+        self.lateness_ms = lateness_ms  # the sources' allowed lateness; None: keep for the whole retention
         self.offset = -1
         self.watermark = 0
+        self.source_watermarks: dict[str, list[int]] = {}  # source -> [previous, newest] watermark seen
+        self.closed_below = -1  # windows starting at or before this were dropped: a partial for one is too late
         self.state: dict[MergeKey, dict[str, list[float]]] = {}
         self.dirty: set[MergeKey] = set()
         self.expired = 0
@@ -53,11 +66,17 @@ class RegionMergePartition:
             out.dead_letter(Rejected(reasons.PROCESSING_ERROR, "region partial state has a wrong length"),
                             raw, self.source_topic, self.partition, offset, now_ms)
             return
-        if key not in self.state and key[2] + self.size_ms + self.retention_ms <= self.watermark:
+        if key not in self.state and (key[2] <= self.closed_below
+                                      or key[2] + self.size_ms + self.retention_ms <= self.watermark):
             self.expired += 1  # far too late: a fresh merge would hold one source only and be wrong
             return
         if wm > self.watermark:
             self.watermark = wm
+        seen = self.source_watermarks.get(src)
+        if seen is None:
+            self.source_watermarks[src] = [-1, wm]
+        elif wm > seen[1]:
+            seen[0], seen[1] = seen[1], wm
         self.state.setdefault(key, {})[src] = partial
         self.dirty.add(key)
 
@@ -83,13 +102,19 @@ class RegionMergePartition:
 
     def drop_closed(self) -> None:
         limit = self.watermark - self.size_ms - self.retention_ms
-        for key in [k for k in self.state if k[2] <= limit]:
+        if self.lateness_ms is not None and self.source_watermarks:
+            # closed at every source: start + size + lateness <= each source's watermark
+            complete = min(prev for prev, _ in self.source_watermarks.values())
+            limit = max(limit, complete - self.size_ms - self.lateness_ms)
+        self.closed_below = max(self.closed_below, limit)
+        for key in [k for k in self.state if k[2] <= self.closed_below]:
             del self.state[key]
 
     def snapshot(self, full: bool) -> dict[str, Any]:
         keys = self.state.keys() if full else self.dirty
         payload = {
             "offset": self.offset, "watermark": self.watermark, "full": full,
+            "sources": self.source_watermarks, "closed_below": self.closed_below,
             "m": [[k[0], k[1], k[2], self.state[k]] for k in keys if k in self.state],
         }
         if self.alerts is not None:
@@ -106,3 +131,5 @@ class RegionMergePartition:
             self.alerts.restore(payload["alerts"])
         self.offset = int(payload["offset"])
         self.watermark = int(payload["watermark"])
+        self.source_watermarks = {str(k): [int(v[0]), int(v[1])] for k, v in (payload.get("sources") or {}).items()}
+        self.closed_below = int(payload.get("closed_below", -1))

@@ -178,6 +178,60 @@ def test_region_merge_combines_sources_and_is_idempotent():
     assert m2.state == m.state
 
 
+def _partial(src: str, start: int, watermark: int, count: float = 1.0) -> bytes:
+    return orjson.dumps({"kecamatan": "35.09.01", "metric": "waterLevel", "window_start": start, "src": src,
+                         "state": [count, 1.0, 1.0, count, 1.0, start + 1], "watermark": watermark})
+
+
+def test_region_merge_keeps_a_window_until_every_source_closed_it_then_refuses_it():
+    size, lateness, retention = 60_000, 600_000, 4_200_000
+    m, out = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness), Outputs()
+    m.process(_partial("a", T0, T0 + 10), 0, NOW, out)
+    m.process(_partial("b", T0, T0 + 20), 1, NOW, out)
+    closed = T0 + size + lateness  # the watermark at which a source closes the window
+    m.process(_partial("a", T0 + 20 * size, closed + 5_000), 2, NOW, out)  # a closed it, b has not
+    m.flush(out)
+    assert (("35.09.01", "waterLevel", T0) in m.state), "b may still send a partial for it"
+    m.process(_partial("b", T0, T0 + 30, count=2.0), 3, NOW, out)  # b's late update still merges with a's
+    m.flush(out)
+    merged = [r for r in records(out, "aggregates") if r["window_start"] == T0]
+    assert merged[-1]["count"] == 3
+    m.process(_partial("b", T0 + 20 * size, closed), 4, NOW, out)  # b's flush that closes it ...
+    m.flush(out)
+    assert ("35.09.01", "waterLevel", T0) in m.state, "... may still hold b's last partial of it"
+    m.process(_partial("b", T0, closed, count=3.0), 5, NOW, out)  # ... which arrives here
+    m.process(_partial("a", T0 + 21 * size, closed + 60_000), 6, NOW, out)  # both sources' next flushes
+    m.process(_partial("b", T0 + 21 * size, closed + 60_000), 7, NOW, out)
+    m.flush(out)
+    merged = [r for r in records(out, "aggregates") if r["window_start"] == T0]
+    assert merged[-1]["count"] == 4
+    assert ("35.09.01", "waterLevel", T0) not in m.state
+    assert len(m.state) == 2  # only the open windows are held: memory does not grow with the retention
+    before = len(records(out, "aggregates"))
+    m.process(_partial("c", T0, T0 + 40), 8, NOW, out)  # an unknown source's partial of a dropped window
+    m.flush(out)
+    assert m.expired == 1 and ("35.09.01", "waterLevel", T0) not in m.state
+    assert all(r["window_start"] != T0 for r in records(out, "aggregates")[before:]), \
+        "a merge of one source must not overwrite the complete aggregate"
+    snap = orjson.loads(orjson.dumps(m.snapshot(full=False)))
+    m2 = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness)
+    m2.restore(snap)
+    assert m2.source_watermarks == m.source_watermarks and m2.closed_below == m.closed_below
+
+
+def test_region_merge_bounds_a_silent_source_by_the_retention():
+    size, lateness, retention = 60_000, 600_000, 4_200_000
+    m, out = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness), Outputs()
+    m.process(_partial("a", T0, T0 + 10), 0, NOW, out)
+    m.process(_partial("b", T0, T0 + 10), 1, NOW, out)  # b then falls silent
+    m.process(_partial("a", T0 + 30 * size, T0 + 30 * size), 2, NOW, out)
+    m.flush(out)
+    assert ("35.09.01", "waterLevel", T0) in m.state  # b's watermark holds it
+    m.process(_partial("a", T0 + 90 * size, T0 + size + retention), 3, NOW, out)
+    m.flush(out)
+    assert ("35.09.01", "waterLevel", T0) not in m.state  # but not past the retention
+
+
 def test_status_of_a_registered_device_is_forwarded_and_unknown_is_dead_lettered():
     from schemas.envelope import STATUS_TYPE
     from stream_processors.device_status import DeviceStatusHandler
