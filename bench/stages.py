@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import uuid
@@ -734,6 +735,9 @@ def metric_sum(page: dict[str, float], name: str) -> float:
     return sum(v for k, v in page.items() if k == name or k.startswith(name + "{"))
 
 
+_SOAK_ENDS_S = 180.0  # RSS at each end of a soak: the median over this span (a quarter of a short run)
+
+
 def _slope_per_minute(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (seconds, value) points, per minute."""
     n = len(points)
@@ -749,8 +753,8 @@ def _slope_per_minute(points: list[tuple[float, float]]) -> float | None:
 
 def soak_summary(timeline: list[dict[str, Any]], names: list[str], warmup_fraction: float = 0.25,
                  fill_s: float = 0.0) -> dict[str, Any]:
-    """RSS per process after warm-up: first and last, peak, growth and slope. Flat means the last value
-    is within 10% (or 10 MB) of the post-warm-up one and the slope of the second half is under 1 MB/min.
+    """RSS per process after warm-up: first and last, peak, growth and slope. Flat means the median of
+    the last 3 minutes is within 10% (or 10 MB) of the median of the first 3 after warm-up and the slope of the second half is under 1 MB/min.
 
     Warm-up is the first quarter, or `fill_s` (the time the worker's open windows take to fill: window
     + allowed lateness) when the run is at least twice that long; a shorter run says `filled: False`.
@@ -768,11 +772,17 @@ def soak_summary(timeline: list[dict[str, Any]], names: list[str], warmup_fracti
         series = [(p["t"], p[key]) for p in warm if key in p]
         if not series:
             continue
-        first, last = series[0][1], series[-1][1]
+        # The worker's RSS swings by ~100 MB within minutes (state snapshots come and go), so one sample
+        # at each end measures the swing, not growth: compare the medians of the first and last spans.
+        span = min(_SOAK_ENDS_S, (series[-1][0] - series[0][0]) / 4)
+        first = statistics.median(v for t, v in series if t <= series[0][0] + span)
+        last = statistics.median(v for t, v in series if t >= series[-1][0] - span)
         slope = _slope_per_minute([(p["t"], p[key]) for p in half if key in p])
         growth = last - first
-        out[name] = {"warmup_s": round(t_warm, 1), "filled": filled, "rss_after_warmup_mb": first,
-                     "rss_end_mb": last, "rss_peak_after_warmup_mb": max(v for _, v in series),
+        out[name] = {"warmup_s": round(t_warm, 1), "filled": filled, "rss_after_warmup_mb": round(first, 1),
+                     "rss_end_mb": round(last, 1), "ends_median_of_s": round(span, 1),
+                     "rss_first_sample_after_warmup_mb": series[0][1], "rss_last_sample_mb": series[-1][1],
+                     "rss_peak_after_warmup_mb": max(v for _, v in series),
                      "growth_mb": round(growth, 1),
                      "second_half_slope_mb_per_min": round(slope, 2) if slope is not None else None,
                      "flat": (growth <= max(10.0, 0.1 * first)) and (slope is None or slope < 1.0)}
@@ -793,7 +803,7 @@ def soak(ctx: Context) -> tuple[Figures, Details]:
     d["how"] = ("every service running, QoS 1 publisher at a steady rate for the given minutes; RSS of each "
                 "process, consumer lag and dead letters sampled every second; RSS must be flat after warm-up: "
                 "the first quarter, or window + allowed lateness (the worker's open windows filling) when "
-                "the run is at least twice that (growth <= max(10 MB, 10%) and second-half slope < 1 MB/min)")
+                "the run is at least twice that (growth of the 3-minute medians at both ends <= max(10 MB, 10%) and second-half slope < 1 MB/min)")
     flat = bool(summary) and all(v["flat"] for v in summary.values())
     lossless = d["lost_events"] == 0 and d["lost_rows"] == 0
     figures = {"soak_rss_flat": flat, "soak_lost_events": d["lost_events"],

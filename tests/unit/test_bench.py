@@ -252,3 +252,18 @@ def test_soak_warm_up_waits_for_the_windows_to_fill_when_the_run_is_long_enough(
     short = soak_summary([p for p in timeline if p["t"] < 900], ["worker"], fill_s=660)
     assert short["worker"]["filled"] is False  # 15 minutes < twice the fill time: the quarter is used
     assert short["worker"]["warmup_s"] < 660
+
+
+def test_soak_growth_compares_medians_so_a_snapshot_swing_at_either_end_is_not_growth() -> None:
+    from bench.stages import soak_summary
+
+    # flat around 200 MB with a 100 MB snapshot swing every 60 s; the run ends inside a swing
+    swing = [{"t": float(t), "worker_rss_mb": 200.0 + (100.0 if t % 60 >= 50 else 0.0)}
+             for t in range(0, 1795, 5)]
+    flat = soak_summary(swing, ["worker"], fill_s=600)["worker"]
+    assert flat["rss_last_sample_mb"] - flat["rss_first_sample_after_warmup_mb"] == 100.0
+    assert flat["growth_mb"] == 0.0 and flat["flat"] is True
+    # the same swing on top of real growth (2 MB/min) is still growth
+    growing = [{"t": p["t"], "worker_rss_mb": p["worker_rss_mb"] + p["t"] / 30} for p in swing]
+    grown = soak_summary(growing, ["worker"], fill_s=600)["worker"]
+    assert grown["growth_mb"] > 30 and grown["flat"] is False
