@@ -753,8 +753,9 @@ def _slope_per_minute(points: list[tuple[float, float]]) -> float | None:
 
 def soak_summary(timeline: list[dict[str, Any]], names: list[str], warmup_fraction: float = 0.25,
                  fill_s: float = 0.0) -> dict[str, Any]:
-    """RSS per process after warm-up: first and last, peak, growth and slope. Flat means the median of
-    the last 3 minutes is within 10% (or 10 MB) of the median of the first 3 after warm-up and the slope of the second half is under 1 MB/min.
+    """RSS per process after warm-up: both ends, peak, growth and slope. Flat means the median of the
+    last `_SOAK_ENDS_S` (3 minutes; a quarter of a shorter span) is within 10% (or 10 MB) of the median
+    of the first one after warm-up, and the slope of the second half is under 1 MB/min.
 
     Warm-up is the first quarter, or `fill_s` (the time the worker's open windows take to fill: window
     + allowed lateness) when the run is at least twice that long; a shorter run says `filled: False`.
@@ -803,7 +804,8 @@ def soak(ctx: Context) -> tuple[Figures, Details]:
     d["how"] = ("every service running, QoS 1 publisher at a steady rate for the given minutes; RSS of each "
                 "process, consumer lag and dead letters sampled every second; RSS must be flat after warm-up: "
                 "the first quarter, or window + allowed lateness (the worker's open windows filling) when "
-                "the run is at least twice that (growth of the 3-minute medians at both ends <= max(10 MB, 10%) and second-half slope < 1 MB/min)")
+                "the run is at least twice that (growth of the 3-minute medians at both ends <= max(10 MB, "
+                "10%) and second-half slope < 1 MB/min)")
     flat = bool(summary) and all(v["flat"] for v in summary.values())
     lossless = d["lost_events"] == 0 and d["lost_rows"] == 0
     figures = {"soak_rss_flat": flat, "soak_lost_events": d["lost_events"],
