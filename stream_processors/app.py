@@ -74,7 +74,7 @@ def build_runners(settings: Settings, registry: DeviceRegistry, metrics: WorkerM
     def _merge_partition(p: int) -> RegionMergePartition:
         lateness_ms = settings.allowed_lateness_s * 1000
         merge = RegionMergePartition(p, partials, size_ms, lateness_ms + settings.region_retention_s * 1000,
-                                     lateness_ms=lateness_ms)
+                                     lateness_ms=lateness_ms, expected_sources=settings.partitions)
         region_alerts = RegionAlerts(rules, size_ms)  # aggregate rules over the kecamatan windows
         if region_alerts.active:
             merge.alerts = region_alerts

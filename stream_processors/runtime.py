@@ -167,6 +167,7 @@ class StreamRunner(ConsumerRebalanceListener):
         self.producer: AIOKafkaProducer | None = None
         self.batch_producer: BatchProducer | None = None
         self._lock = asyncio.Lock()  # checkpoints and rebalances never interleave
+        self.source_partitions = 0  # of the source topic, known once started
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,6 +191,7 @@ class StreamRunner(ConsumerRebalanceListener):
                                             self.fetch_max_wait_ceiling_ms)
         sources = await self.producer.partitions_for(self.source_topic)
         states = await self.producer.partitions_for(self.state_topic)
+        self.source_partitions = len(sources)
         if len(states) < len(sources):
             raise ConfigError(f"{self.state_topic} has {len(states)} partitions but {self.source_topic} has "
                               f"{len(sources)}: the state topic must have at least as many")
@@ -284,6 +286,10 @@ class StreamRunner(ConsumerRebalanceListener):
             await self._write_state(p, proc.snapshot(full))
             commits[TopicPartition(self.source_topic, p)] = proc.offset + 1
         await self.batch_producer.wait_delivered()
+        for tp in commits:  # the state is in the state topic: a restart resumes from here
+            written = getattr(self.procs[tp.partition], "checkpoint_written", None)
+            if written is not None:
+                written()
         if commits:
             try:
                 await self.consumer.commit(commits)
@@ -313,6 +319,9 @@ class StreamRunner(ConsumerRebalanceListener):
         """Rebuild partitions' state from the state topic (the deltas after the last full snapshot)."""
         started = time.perf_counter()
         procs = {p: self.factory(p) for p in partitions}
+        for proc in procs.values():
+            if hasattr(proc, "source_partitions"):  # the kecamatan partials say how many sources there are
+                proc.source_partitions = self.source_partitions
         tps = [TopicPartition(self.state_topic, p) for p in partitions]
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                   auto_offset_reset="earliest", group_id=None)

@@ -90,6 +90,11 @@ class TelemetryPartition:
         self.registry = registry
         self.offset = -1  # last input offset folded into the state
         self.watermark = 0  # highest observation time seen on this partition
+        # the watermark of the last checkpoint written: its windows' final partials were delivered
+        # before it, and a restart resumes from it (the merge stage drops windows on it)
+        self.checkpointed_watermark = -1
+        self._snapshot_watermark = -1
+        self.source_partitions = 0  # of the ingest topic (set by the runtime; 0: unknown)
         self.devices: dict[WindowKey, bytes] = {}  # device windows (windows.py: immutable, compact)
         self.regions: dict[WindowKey, array] = {}
         self._starts: dict[int, int] = {}
@@ -255,7 +260,7 @@ class TelemetryPartition:
         out.emit(topics.REGION_PARTIALS, kec, {
             "kecamatan": kec, "metric": metric, "window_start": start, "window_end": start + self.size_ms,
             "src": f"{self.source_topic}:{self.partition}", "state": list(state[: W.HEADER]),
-            "watermark": self.watermark, "final": final,
+            "watermark": self.watermark, "closed": self.checkpointed_watermark, "of": self.source_partitions, "final": final,
         })
 
     def snapshot(self, full: bool) -> dict[str, Any]:
@@ -270,7 +275,12 @@ class TelemetryPartition:
         }
         self.dirty_devices = set()
         self.dirty_regions = set()
+        self._snapshot_watermark = self.watermark
         return payload
+
+    def checkpoint_written(self) -> None:
+        """The runtime wrote the last snapshot to the state topic: a restart resumes from it."""
+        self.checkpointed_watermark = self._snapshot_watermark
 
     def restore(self, payload: Mapping[str, Any]) -> None:
         if payload.get("full"):
@@ -290,6 +300,7 @@ class TelemetryPartition:
                 self.handlers[name].restore({**state, "full": payload.get("full", False)})
         self.offset = int(payload["offset"])
         self.watermark = int(payload["watermark"])
+        self.checkpointed_watermark = self._snapshot_watermark = self.watermark
 
     def drop_closed(self) -> None:
         size, lateness, wm = self.size_ms, self.lateness_ms, self.watermark

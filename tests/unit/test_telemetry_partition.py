@@ -178,55 +178,85 @@ def test_region_merge_combines_sources_and_is_idempotent():
     assert m2.state == m.state
 
 
-def _partial(src: str, start: int, watermark: int, count: float = 1.0) -> bytes:
+def _partial(src: str, start: int, watermark: int, count: float = 1.0, closed: int = -1) -> bytes:
     return orjson.dumps({"kecamatan": "35.09.01", "metric": "waterLevel", "window_start": start, "src": src,
-                         "state": [count, 1.0, 1.0, count, 1.0, start + 1], "watermark": watermark})
+                         "state": [count, 1.0, 1.0, count, 1.0, start + 1], "watermark": watermark,
+                         "closed": closed})
 
 
-def test_region_merge_keeps_a_window_until_every_source_closed_it_then_refuses_it():
+def test_region_merge_keeps_a_window_until_every_source_checkpointed_past_it_then_refuses_it():
     size, lateness, retention = 60_000, 600_000, 4_200_000
-    m, out = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness), Outputs()
-    m.process(_partial("a", T0, T0 + 10), 0, NOW, out)
-    m.process(_partial("b", T0, T0 + 20), 1, NOW, out)
+    m = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness, expected_sources=2)
+    out = Outputs()
     closed = T0 + size + lateness  # the watermark at which a source closes the window
-    m.process(_partial("a", T0 + 20 * size, closed + 5_000), 2, NOW, out)  # a closed it, b has not
+    m.process(_partial("a", T0, T0 + 10), 0, NOW, out)
+    m.process(_partial("a", T0 + 20 * size, closed + 5_000, closed=closed), 1, NOW, out)  # a checkpointed past it
     m.flush(out)
-    assert (("35.09.01", "waterLevel", T0) in m.state), "b may still send a partial for it"
-    m.process(_partial("b", T0, T0 + 30, count=2.0), 3, NOW, out)  # b's late update still merges with a's
+    assert ("35.09.01", "waterLevel", T0) in m.state, "b was never heard of: it may still send a partial"
+    m.process(_partial("b", T0, T0 + 20), 2, NOW, out)
+    m.process(_partial("b", T0 + 20 * size, closed + 1_000, closed=T0 + 30), 3, NOW, out)
     m.flush(out)
-    merged = [r for r in records(out, "aggregates") if r["window_start"] == T0]
-    assert merged[-1]["count"] == 3
-    m.process(_partial("b", T0 + 20 * size, closed), 4, NOW, out)  # b's flush that closes it ...
-    m.flush(out)
-    assert ("35.09.01", "waterLevel", T0) in m.state, "... may still hold b's last partial of it"
-    m.process(_partial("b", T0, closed, count=3.0), 5, NOW, out)  # ... which arrives here
-    m.process(_partial("a", T0 + 21 * size, closed + 60_000), 6, NOW, out)  # both sources' next flushes
-    m.process(_partial("b", T0 + 21 * size, closed + 60_000), 7, NOW, out)
+    assert ("35.09.01", "waterLevel", T0) in m.state, "b has not checkpointed past it"
+    m.process(_partial("b", T0, closed, count=3.0, closed=T0 + 30), 4, NOW, out)  # b's final partial of it
+    m.process(_partial("b", T0 + 20 * size, closed + 2_000), 5, NOW, out)  # a restarted b: no proof yet
     m.flush(out)
     merged = [r for r in records(out, "aggregates") if r["window_start"] == T0]
-    assert merged[-1]["count"] == 4
+    assert merged[-1]["count"] == 4 and ("35.09.01", "waterLevel", T0) in m.state
+    m.process(_partial("b", T0 + 21 * size, closed + 60_000, closed=closed), 6, NOW, out)  # b's checkpoint
+    m.flush(out)
     assert ("35.09.01", "waterLevel", T0) not in m.state
     assert len(m.state) == 2  # only the open windows are held: memory does not grow with the retention
     before = len(records(out, "aggregates"))
-    m.process(_partial("c", T0, T0 + 40), 8, NOW, out)  # an unknown source's partial of a dropped window
+    m.process(_partial("b", T0, T0 + 40), 7, NOW, out)  # a replayed partial of a dropped window
     m.flush(out)
     assert m.expired == 1 and ("35.09.01", "waterLevel", T0) not in m.state
     assert all(r["window_start"] != T0 for r in records(out, "aggregates")[before:]), \
-        "a merge of one source must not overwrite the complete aggregate"
+        "a merge of part of the sources must not overwrite the complete aggregate"
     snap = orjson.loads(orjson.dumps(m.snapshot(full=False)))
-    m2 = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness)
+    m2 = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness, expected_sources=2)
     m2.restore(snap)
-    assert m2.source_watermarks == m.source_watermarks and m2.closed_below == m.closed_below
+    assert m2.source_closed == m.source_closed and m2.closed_below == m.closed_below
+
+
+def test_region_merge_learns_the_number_of_sources_from_the_partials():
+    size, lateness, retention = 60_000, 600_000, 4_200_000
+    m, out = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness), Outputs()  # 1 configured
+    far = T0 + 30 * size + lateness
+    m.process(orjson.dumps({**orjson.loads(_partial("a", T0, far, closed=far)), "of": 2}), 0, NOW, out)
+    m.flush(out)
+    assert ("35.09.01", "waterLevel", T0) in m.state, "the second ingest partition was not heard of yet"
+
+
+def test_a_source_partial_carries_the_watermark_of_its_last_written_checkpoint():
+    p, out = new_partition(), Outputs()
+    p.source_partitions = 4
+    p.process(raw("d0", T0, 1.0), 0, NOW, out)
+    p.offset = 0
+    p.flush(out)
+    snap = p.snapshot(full=True)
+    p.process(raw("d0", T0 + 5_000, 2.0), 1, NOW, out)
+    p.offset = 1
+    p.flush(out)  # the snapshot was not written (yet): no proof
+    assert [r["closed"] for r in records(out, "internal.region-partials")] == [-1, -1]
+    p.checkpoint_written()
+    p.process(raw("d0", T0 + 6_000, 2.0), 2, NOW, out)
+    p.flush(out)
+    last = records(out, "internal.region-partials")[-1]
+    assert last["closed"] == T0 and last["of"] == 4  # the snapshot's watermark, not the newest
+    restored = new_partition()
+    restored.restore(orjson.loads(orjson.dumps(snap)))
+    assert restored.checkpointed_watermark == T0  # a restart resumes from a written checkpoint
 
 
 def test_region_merge_bounds_a_silent_source_by_the_retention():
     size, lateness, retention = 60_000, 600_000, 4_200_000
-    m, out = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness), Outputs()
+    m = RegionMergePartition(0, "p", size, retention, lateness_ms=lateness, expected_sources=2)
+    out = Outputs()
     m.process(_partial("a", T0, T0 + 10), 0, NOW, out)
     m.process(_partial("b", T0, T0 + 10), 1, NOW, out)  # b then falls silent
-    m.process(_partial("a", T0 + 30 * size, T0 + 30 * size), 2, NOW, out)
+    m.process(_partial("a", T0 + 30 * size, T0 + 30 * size, closed=T0 + 30 * size), 2, NOW, out)
     m.flush(out)
-    assert ("35.09.01", "waterLevel", T0) in m.state  # b's watermark holds it
+    assert ("35.09.01", "waterLevel", T0) in m.state  # b holds it
     m.process(_partial("a", T0 + 90 * size, T0 + size + retention), 3, NOW, out)
     m.flush(out)
     assert ("35.09.01", "waterLevel", T0) not in m.state  # but not past the retention
