@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     # Tansu answers a JoinGroup after about half the session timeout; the worker's event loop may
     # block for a full snapshot of a large state, so its session is longer than the sink's.
     worker_session_timeout_ms: int = Field(6000, ge=1000)
-    region_retention_s: int = Field(3600, description="a merged kecamatan window is dropped once every source "
-                                    "partition closed it, or at most this long past its end + lateness")
+    region_retention_s: int = Field(3600, description="a merged kecamatan window is dropped once every ingest "
+                                    "partition checkpointed past it, or at most this long past its end + lateness")
     # Program indicators (docs/indicators.md): catalogue file (default: the shipped example), k of the
     # small-cell suppression, how long past its period end a cell still takes late events, and how
     # long an idle open entity (case, complaint, ...) is remembered by the indicator stage.
