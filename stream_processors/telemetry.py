@@ -260,7 +260,8 @@ class TelemetryPartition:
         out.emit(topics.REGION_PARTIALS, kec, {
             "kecamatan": kec, "metric": metric, "window_start": start, "window_end": start + self.size_ms,
             "src": f"{self.source_topic}:{self.partition}", "state": list(state[: W.HEADER]),
-            "watermark": self.watermark, "closed": self.checkpointed_watermark, "of": self.source_partitions, "final": final,
+            "watermark": self.watermark, "final": final,
+            "closed": self.checkpointed_watermark, "of": self.source_partitions,  # for the merge's dropping
         })
 
     def snapshot(self, full: bool) -> dict[str, Any]:
