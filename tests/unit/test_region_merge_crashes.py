@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from typing import Any
 
 import orjson
 import pytest
@@ -54,17 +55,17 @@ def _input(rng: random.Random) -> tuple[list[list[bytes]], dict[tuple[str, int],
     return logs, truth
 
 
-class Source:
-    """One ingest partition as the runtime drives it: its processor, its position, its last checkpoint."""
+class Stage:
+    """One partition of a stage as the runtime drives it: its processor, its position in its input,
+    its last written checkpoint. A restart is a fresh processor restored from that checkpoint."""
 
-    def __init__(self, p: int) -> None:
-        self.p = p
+    def __init__(self) -> None:
         self.checkpoint: bytes | None = None
         self.proc = self._fresh()
         self.next = 0
 
-    def _fresh(self) -> TelemetryPartition:
-        return TelemetryPartition(self.p, "jember.ingest", SIZE, LATENESS, POLICY, lambda: REG)
+    def _fresh(self) -> Any:
+        raise NotImplementedError
 
     def fold(self, log: list[bytes], n: int) -> None:
         out = Outputs()
@@ -72,6 +73,23 @@ class Source:
             self.proc.process(log[offset], offset, NOW, out)
             self.proc.offset = offset
             self.next = offset + 1
+
+    def restart(self) -> None:
+        self.proc = self._fresh()
+        if self.checkpoint is not None:
+            self.proc.restore(orjson.loads(self.checkpoint))
+        self.next = self.proc.offset + 1
+
+
+class Source(Stage):
+    """One ingest partition; its flushes deliver partials to the merge's log."""
+
+    def __init__(self, p: int) -> None:
+        self.p = p
+        super().__init__()
+
+    def _fresh(self) -> TelemetryPartition:
+        return TelemetryPartition(self.p, "jember.ingest", SIZE, LATENESS, POLICY, lambda: REG)
 
     def checkpoint_now(self, partials: list[bytes], crash_after: int | None = None) -> None:
         out = Outputs()
@@ -85,31 +103,17 @@ class Source:
         self.checkpoint = orjson.dumps(self.proc.snapshot(full=True))
         self.proc.checkpoint_written()
 
-    def restart(self) -> None:
-        self.proc = self._fresh()
-        if self.checkpoint is not None:
-            self.proc.restore(orjson.loads(self.checkpoint))
-        self.next = self.proc.offset + 1
 
+class Merge(Stage):
+    """The merge partition; its flushes deliver kecamatan aggregates, upserted as the sink does."""
 
-class Merge:
     def __init__(self) -> None:
-        self.checkpoint: bytes | None = None
-        self.proc = self._fresh()
-        self.next = 0
+        super().__init__()
         self.emitted: dict[tuple[str, int], dict] = {}  # the sink's upsert: the last value wins
 
-    @staticmethod
-    def _fresh() -> RegionMergePartition:
+    def _fresh(self) -> RegionMergePartition:
         return RegionMergePartition(0, PARTIALS, SIZE, LATENESS + RETENTION, lateness_ms=LATENESS,
                                     expected_sources=SOURCES)
-
-    def fold(self, log: list[bytes], n: int) -> None:
-        out = Outputs()
-        for offset in range(self.next, min(len(log), self.next + n)):
-            self.proc.process(log[offset], offset, NOW, out)
-            self.proc.offset = offset
-            self.next = offset + 1
 
     def checkpoint_now(self, crash_after: int | None = None) -> None:
         out = Outputs()
@@ -121,12 +125,6 @@ class Merge:
             self.restart()
             return
         self.checkpoint = orjson.dumps(self.proc.snapshot(full=True))
-
-    def restart(self) -> None:
-        self.proc = self._fresh()
-        if self.checkpoint is not None:
-            self.proc.restore(orjson.loads(self.checkpoint))
-        self.next = self.proc.offset + 1
 
 
 def _run(seed: int) -> tuple[Merge, dict[tuple[str, int], list[float]]]:
